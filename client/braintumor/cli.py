@@ -1,0 +1,158 @@
+"""The ``braintumor`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from braintumor.config import DEFAULT_MODEL_REPOSITORY, DEFAULT_TFSERVING_BASE, IMAGE_SIZE, MODEL_NAME
+
+
+def _require_training(tensorflow: bool = True) -> None:
+    try:
+        import braintumor_training.audit  # noqa: F401
+
+        if tensorflow:
+            import tensorflow
+    except ImportError as err:
+        sys.exit(
+            f"braintumor: this command needs the training extra ({err}); install it with: pip install -e '.[train]'"
+        )
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    _require_training(tensorflow=False)
+    from braintumor_training.audit import audit_dataset
+
+    report = audit_dataset(
+        Path(args.data_dir), threshold=args.threshold, val_fraction=args.val_fraction, seed=args.seed
+    )
+    json_path, md_path = report.write(Path(args.out))
+    print(md_path.read_text())
+    print(f"Wrote {json_path} and {md_path}")
+    return 1 if report.unreadable else 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    _require_training()
+    from braintumor_training.train import TrainConfig, train
+
+    config = TrainConfig(
+        data_dir=str(args.data),
+        out_dir=str(args.out),
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        weights=str(args.weights) if args.weights else None,
+        limit_per_class=args.limit_per_class,
+        patience=args.patience,
+        threshold=args.threshold,
+    )
+    train(config, command="braintumor " + shlex.join(sys.argv[1:]))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    _require_training()
+    from braintumor_training.evaluate import evaluate_run
+
+    metrics = evaluate_run(Path(args.run_dir), data_dir=Path(args.data) if args.data else None)
+    for split in ("test", "test_leak_free"):
+        m = metrics[split]
+        print(
+            f"{split:15s} n={m['n_images']:5d} accuracy={m['accuracy']:.4f} macro_f1={m['macro_f1']:.4f} "
+            f"tumor sensitivity={m['tumor_sensitivity']:.4f} specificity={m['tumor_specificity']:.4f} "
+            f"ECE={m['ece']:.4f}"
+        )
+    print(f"Report: {Path(args.run_dir) / 'evaluation' / 'report.md'}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    _require_training()
+    from braintumor_training.export import ExportError, QualityGate, export_run
+
+    gate = QualityGate(
+        min_accuracy=args.min_accuracy,
+        min_leak_free_accuracy=args.min_leak_free_accuracy,
+        min_tumor_sensitivity=args.min_tumor_sensitivity,
+    )
+    try:
+        version_dir = export_run(
+            Path(args.run_dir),
+            repository=Path(args.repository),
+            tfserving_base=Path(args.tfserving_base),
+            model_name=args.model_name,
+            gate=gate,
+            data_dir=Path(args.data) if args.data else None,
+        )
+    except ExportError as err:
+        print(f"braintumor export: {err}", file=sys.stderr)
+        return 2
+    print(f"Published {version_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``braintumor`` command."""
+    parser = argparse.ArgumentParser(prog="braintumor", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("audit", help="audit a folder-per-class dataset (integrity, duplicates, leakage)")
+    p.add_argument("data_dir")
+    p.add_argument("--out", default="audit", help="folder for audit.json and audit.md (default: audit)")
+    p.add_argument("--threshold", type=int, default=None, help="near-duplicate Hamming distance (of 256)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("train", help="audit, split and train MobileNetV3Small into a run folder")
+    p.add_argument("--data", required=True, help="dataset root holding Training/ and Testing/")
+    p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
+    p.add_argument("--epochs", type=int, default=44)
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=12, help="early-stopping patience in epochs")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threshold", type=int, default=None, help="near-duplicate Hamming distance (of 256)")
+    p.add_argument("--weights", default=None, help="local MobileNetV3Small include_top=False weights file")
+    p.add_argument("--limit-per-class", type=int, default=None, help="train on a small subset (smoke tests)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a run on Testing and its leak-free subset")
+    p.add_argument("run_dir")
+    p.add_argument("--data", default=None, help="dataset root (default: the one the run was trained on)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="publish an evaluated run as the next model version")
+    p.add_argument("run_dir")
+    p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
+    p.add_argument("--tfserving-base", default=str(DEFAULT_TFSERVING_BASE))
+    p.add_argument("--model-name", default=MODEL_NAME)
+    p.add_argument("--data", default=None, help="dataset root (default: the one the run was trained on)")
+    p.add_argument("--min-accuracy", type=float, default=0.95, help="quality gate on Testing accuracy")
+    p.add_argument("--min-leak-free-accuracy", type=float, default=0.93)
+    p.add_argument("--min-tumor-sensitivity", type=float, default=0.97)
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``braintumor`` command."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threshold", "absent") is None:
+        _require_training(tensorflow=False)
+        from braintumor_training.audit import DEFAULT_NEAR_DUPLICATE_THRESHOLD
+
+        args.threshold = DEFAULT_NEAR_DUPLICATE_THRESHOLD
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

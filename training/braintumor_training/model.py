@@ -1,0 +1,86 @@
+"""The network: Keras MobileNetV3Small with a 4-class head, and the served (exported) form of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+from braintumor.config import CHANNELS, IMAGE_SIZE, INPUT_NAME, LABELS, OUTPUT_NAME
+
+#: BatchNorm momentum for training from scratch. Keras' MobileNetV3 default (0.999) lets the moving
+#: statistics lag the weights so far that a from-scratch model outputs a constant in inference mode.
+BN_MOMENTUM = 0.9
+
+
+def set_batchnorm_momentum(model: keras.Model, momentum: float = BN_MOMENTUM) -> int:
+    """Set the momentum of every BatchNormalization layer (nested models included).
+
+    Returns:
+        How many layers were changed.
+    """
+    changed = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+            changed += 1
+    return changed
+
+
+def build_classifier(
+    image_size: int = IMAGE_SIZE,
+    num_classes: int = len(LABELS),
+    weights: Path | None = None,
+    dropout: float = 0.2,
+    bn_momentum: float = BN_MOMENTUM,
+) -> keras.Model:
+    """MobileNetV3Small taking float pixels in [0, 255] and returning class logits.
+
+    The head mirrors Keras' own MobileNetV3 top (global pooling, a 1024-wide hard-swish layer,
+    dropout, the classifier), so the backbone can start from a local ``include_top=False`` weights
+    file.
+
+    Args:
+        image_size: side of the square input.
+        num_classes: number of output logits.
+        weights: optional backbone weights file (a Keras ``MobileNetV3Small(include_top=False)`` file).
+        dropout: dropout rate before the classifier.
+        bn_momentum: momentum given to every BatchNormalization layer.
+    """
+    inputs = keras.Input((image_size, image_size, CHANNELS), dtype="float32", name=INPUT_NAME)
+    backbone = keras.applications.MobileNetV3Small(
+        input_shape=(image_size, image_size, CHANNELS),
+        include_top=False,
+        weights=None,
+        pooling="avg",
+        include_preprocessing=True,
+    )
+    if weights is not None:
+        backbone.load_weights(str(weights))
+    x = backbone(inputs)
+    x = keras.layers.Dense(1024, activation="hard_swish", name="head_dense")(x)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    model = keras.Model(inputs, logits, name="braintumor_mobilenetv3small")
+    set_batchnorm_momentum(model, bn_momentum)
+    return model
+
+
+def build_served_model(classifier: keras.Model, temperature: float = 1.0) -> keras.Model:
+    """Wrap a trained classifier into the served model.
+
+    The served model takes ``uint8`` pixels ``[batch, H, W, 3]`` (4× fewer bytes on the wire than
+    float32), casts them, runs the classifier and returns temperature-scaled softmax probabilities.
+
+    Args:
+        classifier: the model from :func:`build_classifier`, trained.
+        temperature: the calibration temperature fitted on validation (> 0).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    size = classifier.input_shape[1]
+    pixels = keras.Input((size, size, CHANNELS), dtype="uint8", name=INPUT_NAME)
+    logits = classifier(keras.ops.cast(pixels, "float32"), training=False)
+    scaled = keras.ops.divide(logits, np.float32(temperature))
+    probabilities = keras.layers.Softmax(name=OUTPUT_NAME)(scaled)
+    return keras.Model(pixels, probabilities, name="braintumor_served")

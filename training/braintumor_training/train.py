@@ -1,0 +1,270 @@
+"""``braintumor train``: audit the dataset, split it without leakage, and train MobileNetV3Small.
+
+A run folder holds everything a run makes: the audit, the split, the configuration, checkpoints
+(``best.keras``, ``last.keras``), a ``backup/`` for resuming, ``history.csv`` and TensorBoard logs.
+Running the same command again on the same run folder resumes an interrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from braintumor.config import IMAGE_SIZE, LABELS
+from sklearn.utils.class_weight import compute_class_weight
+
+from braintumor_training.audit import DEFAULT_NEAR_DUPLICATE_THRESHOLD, audit_dataset
+from braintumor_training.augment import build_augmenter
+from braintumor_training.dataset import ImageRecord, load_arrays
+from braintumor_training.model import build_classifier
+
+BEST_CHECKPOINT = "best.keras"
+LAST_CHECKPOINT = "last.keras"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or went wrong in a way the user must act on."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as ``config.json`` in the run folder).
+
+    Args:
+        data_dir: dataset root with ``Training/`` and ``Testing/`` class folders.
+        out_dir: the run folder.
+        image_size: side of the square model input.
+        epochs: most epochs to train (early stopping may end sooner).
+        batch_size: images per step.
+        learning_rate: peak learning rate after warm-up.
+        weight_decay: AdamW decoupled weight decay.
+        label_smoothing: cross-entropy label smoothing.
+        warmup_epochs: epochs of linear learning-rate warm-up before the cosine decay.
+        patience: epochs without a better validation loss before stopping early.
+        val_fraction: share of Training held out for validation.
+        seed: seed of the split, the initial weights, shuffling and augmentation.
+        threshold: near-duplicate Hamming distance used by the audit.
+        weights: optional local backbone weights file to start from.
+        limit_per_class: keep at most this many training images per class (smoke tests).
+    """
+
+    data_dir: str
+    out_dir: str
+    image_size: int = IMAGE_SIZE
+    epochs: int = 44
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    warmup_epochs: int = 2
+    patience: int = 12
+    val_fraction: float = 0.1
+    seed: int = 42
+    threshold: int = DEFAULT_NEAR_DUPLICATE_THRESHOLD
+    weights: str | None = None
+    limit_per_class: int | None = None
+
+
+class CollapseGuard(keras.callbacks.Callback):
+    """Stops training when the model answers the same for every image in inference mode.
+
+    A from-scratch MobileNetV3Small can do this when BatchNorm moving statistics lag the weights;
+    the guard measures the spread of inference-mode probabilities over a fixed probe batch at each
+    epoch end (logged as ``probe_std``) and stops after ``patience`` collapsed epochs past warm-up.
+
+    Args:
+        probe: a fixed batch of validation images (float pixels).
+        min_std: a spread below this counts as collapsed.
+        grace_epochs: epochs before the guard may stop training.
+        patience: consecutive collapsed epochs that stop training.
+    """
+
+    def __init__(self, probe: np.ndarray, min_std: float = 0.01, grace_epochs: int = 3, patience: int = 3):
+        super().__init__()
+        self.probe, self.min_std = probe, min_std
+        self.grace_epochs, self.patience = grace_epochs, patience
+        self.collapsed_epochs = 0
+        self.collapsed = False
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logits = self.model.predict(self.probe, verbose=0, batch_size=64)
+        probabilities = tf.nn.softmax(logits).numpy()
+        spread = float(probabilities.std(axis=0).max())
+        if logs is not None:
+            logs["probe_std"] = spread
+        self.collapsed_epochs = self.collapsed_epochs + 1 if spread < self.min_std else 0
+        if epoch + 1 >= self.grace_epochs and self.collapsed_epochs >= self.patience:
+            self.collapsed = True
+            self.model.stop_training = True
+            print(
+                f"\nCollapseGuard: inference-mode outputs have been constant (spread {spread:.2e}) for "
+                f"{self.collapsed_epochs} epochs; stopping. Check BatchNorm momentum and learning rate."
+            )
+
+
+def _select(records: list[ImageRecord], paths: list[str], limit: int | None, seed: int) -> list[ImageRecord]:
+    by_path = {r.path: r for r in records}
+    chosen = [by_path[p] for p in paths]
+    if limit is None:
+        return chosen
+    rng = np.random.default_rng(seed)
+    kept: list[ImageRecord] = []
+    for label in LABELS:
+        of_label = [r for r in chosen if r.label == label]
+        idx = rng.permutation(len(of_label))[:limit]
+        kept += [of_label[i] for i in sorted(idx)]
+    return kept
+
+
+def make_dataset(
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    training: bool,
+    seed: int,
+) -> tf.data.Dataset:
+    """A tf.data pipeline over already preprocessed uint8 pixels.
+
+    The pixels come from :func:`braintumor.preprocessing.preprocess` (the client SDK's code), so the
+    network sees in training exactly what a served model receives. Training batches are shuffled and
+    augmented; labels are one-hot for label smoothing.
+    """
+    one_hot = tf.one_hot(labels, len(LABELS))
+    ds = tf.data.Dataset.from_tensor_slices((pixels, one_hot))
+    if training:
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if training:
+        augmenter = build_augmenter(seed)
+        ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _check_config(out_dir: Path, config: TrainConfig) -> None:
+    saved = out_dir / "config.json"
+    if not saved.exists():
+        return
+    previous = json.loads(saved.read_text())
+    current = dataclasses.asdict(config)
+    diff = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
+    if diff:
+        raise TrainingError(
+            f"{out_dir} holds a run with a different configuration ({diff}); "
+            "use a new --out folder, or the same options to resume it"
+        )
+
+
+def train(config: TrainConfig, command: str | None = None) -> Path:
+    """Audit, split and train; returns the run folder.
+
+    Args:
+        config: the run's configuration.
+        command: the command line to record in the run (defaults to ``sys.argv``).
+    """
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_config(out_dir, config)
+    if (out_dir / LAST_CHECKPOINT).exists() and not (out_dir / "backup").exists():
+        raise TrainingError(f"{out_dir} holds a finished run; evaluate it, or train into a new --out folder")
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+    keras.utils.set_random_seed(config.seed)
+
+    print(f"Auditing {config.data_dir} ...", flush=True)
+    report = audit_dataset(
+        Path(config.data_dir), threshold=config.threshold, val_fraction=config.val_fraction, seed=config.seed
+    )
+    report.write(out_dir)
+    s = report.summary
+    print(
+        f"  {s['images']} images, {s['unreadable']} unreadable, {s['exact_duplicate_groups']} exact-duplicate "
+        f"groups, {s['test_images_with_near_duplicate_in_training']} Testing images with a near duplicate "
+        f"in Training; split {s['train_images']} train / {s['val_images']} validation",
+        flush=True,
+    )
+    from braintumor_training.dataset import scan_dataset
+
+    records = scan_dataset(Path(config.data_dir))
+    train_records = _select(records, report.split["train"], config.limit_per_class, config.seed)
+    val_limit = None if config.limit_per_class is None else max(2, config.limit_per_class // 4)
+    val_records = _select(records, report.split["val"], val_limit, config.seed)
+    x_train, y_train = load_arrays(Path(config.data_dir), train_records, config.image_size)
+    x_val, y_val = load_arrays(Path(config.data_dir), val_records, config.image_size)
+    print(f"Training on {len(y_train)} images, validating on {len(y_val)}", flush=True)
+
+    weights = compute_class_weight("balanced", classes=np.arange(len(LABELS)), y=y_train)
+    class_weight = {i: float(w) for i, w in enumerate(weights)}
+
+    steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
+    warmup = config.warmup_epochs * steps_per_epoch
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.learning_rate / 100,
+        decay_steps=max(1, config.epochs * steps_per_epoch - warmup),
+        warmup_target=config.learning_rate,
+        warmup_steps=warmup,
+        alpha=0.01,
+    )
+    model = build_classifier(config.image_size, weights=Path(config.weights) if config.weights else None)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+    )
+    probe = x_val[: min(64, len(x_val))].astype(np.float32)
+    guard = CollapseGuard(probe)
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(out_dir / "backup")),
+        guard,
+        keras.callbacks.ModelCheckpoint(str(out_dir / BEST_CHECKPOINT), monitor="val_loss", save_best_only=True),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience),
+        keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(out_dir / "tensorboard"), write_graph=False),
+    ]
+    started = time.time()
+    history = model.fit(
+        make_dataset(x_train, y_train, config.batch_size, training=True, seed=config.seed),
+        validation_data=make_dataset(x_val, y_val, 64, training=False, seed=config.seed),
+        epochs=config.epochs,
+        class_weight=class_weight,
+        callbacks=callbacks,
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    elapsed = time.time() - started
+    model.save(out_dir / LAST_CHECKPOINT)
+    if guard.collapsed:
+        raise TrainingError("training stopped: the model collapsed to a constant output (see CollapseGuard)")
+
+    run_info = {
+        "command": command or " ".join(["braintumor", *sys.argv[1:]]),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "train_seconds_this_session": round(elapsed, 1),
+        "epochs_run": len(history.history.get("loss", [])),
+        "train_images": len(y_train),
+        "val_images": len(y_val),
+        "class_weight": class_weight,
+        "versions": {
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": __import__("os").cpu_count(),
+        },
+    }
+    runs = out_dir / "run.json"
+    previous = json.loads(runs.read_text()) if runs.exists() else {"sessions": []}
+    previous["sessions"].append(run_info)
+    previous["total_train_seconds"] = round(sum(x["train_seconds_this_session"] for x in previous["sessions"]), 1)
+    runs.write_text(json.dumps(previous, indent=1))
+    print(f"Done in {elapsed / 60:.1f} min; best checkpoint {out_dir / BEST_CHECKPOINT}", flush=True)
+    return out_dir

@@ -6,8 +6,9 @@ import io
 from pathlib import Path
 
 import numpy as np
-from braintumor.config import LABELS
 from PIL import Image, ImageEnhance
+
+from braintumor.config import LABELS
 
 
 def random_slice(rng: np.random.Generator, size: int = 224, label: int = 0) -> Image.Image:

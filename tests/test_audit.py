@@ -3,6 +3,7 @@ import shutil
 
 import numpy as np
 import pytest
+
 from braintumor.cli import main
 from braintumor_training.audit import audit_dataset, duplicate_groups, hamming_pairs, split_training
 from braintumor_training.dataset import DatasetError, ImageRecord

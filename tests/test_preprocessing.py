@@ -2,9 +2,10 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from braintumor.config import IMAGE_SIZE
 from braintumor.preprocessing import InvalidImageError, preprocess, preprocess_batch
-from PIL import Image
 
 
 def _rgb(size=(224, 224)) -> Image.Image:

@@ -38,7 +38,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     _require_training()
-    from braintumor_training.train import TrainConfig, train
+    from braintumor_training.dataset import DatasetError
+    from braintumor_training.train import TrainConfig, TrainingError, train
 
     config = TrainConfig(
         data_dir=str(args.data),
@@ -52,8 +53,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         limit_per_class=args.limit_per_class,
         patience=args.patience,
         threshold=args.threshold,
+        collapse_grace_epochs=args.collapse_grace_epochs,
     )
-    train(config, command="braintumor " + shlex.join(sys.argv[1:]))
+    try:
+        train(config, command=args.command_line)
+    except (TrainingError, DatasetError) as err:
+        print(f"braintumor train: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -123,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=int, default=None, help="near-duplicate Hamming distance (of 256)")
     p.add_argument("--weights", default=None, help="local MobileNetV3Small include_top=False weights file")
     p.add_argument("--limit-per-class", type=int, default=None, help="train on a small subset (smoke tests)")
+    p.add_argument(
+        "--collapse-grace-epochs", type=int, default=5, help="epochs before a constant-output model stops the run"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a run on Testing and its leak-free subset")
@@ -145,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``braintumor`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command_line = "braintumor " + shlex.join(argv)
     if getattr(args, "threshold", "absent") is None:
         _require_training(tensorflow=False)
         from braintumor_training.audit import DEFAULT_NEAR_DUPLICATE_THRESHOLD

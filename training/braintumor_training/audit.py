@@ -23,13 +23,13 @@ from typing import Any
 
 import imagehash
 import numpy as np
-from braintumor.config import LABELS
-from braintumor.preprocessing import InvalidImageError, load_image
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
+from braintumor.config import LABELS
+from braintumor.preprocessing import InvalidImageError, load_image
 from braintumor_training.dataset import TEST_SPLIT, TRAIN_SPLIT, ImageRecord, scan_dataset
 
 #: Side of the perceptual hash grid: 16 gives 256-bit hashes.

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from braintumor.config import IMAGE_SIZE, IMAGE_SUFFIXES, LABELS
 from braintumor.preprocessing import preprocess
 

@@ -17,8 +17,8 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from braintumor.config import LABELS
 
+from braintumor.config import LABELS
 from braintumor_training.dataset import TEST_SPLIT, ImageRecord, load_arrays, scan_dataset
 from braintumor_training.metrics import calibrated, classification_metrics, fit_temperature
 from braintumor_training.train import BEST_CHECKPOINT

@@ -23,9 +23,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import tensorflow as tf
+
 from braintumor.config import INPUT_NAME, LABELS, MODEL_NAME, OUTPUT_NAME
 from braintumor.model_repository import MODEL_FILE, next_version, write_model_files
-
 from braintumor_training.dataset import load_arrays
 from braintumor_training.evaluate import EVALUATION_DIR, load_classifier, load_run, run_sets, summary_rows
 from braintumor_training.model import build_served_model

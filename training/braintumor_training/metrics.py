@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from braintumor.config import LABELS, NO_TUMOR_INDEX
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 from sklearn.metrics import (
@@ -16,6 +15,8 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from braintumor.config import LABELS, NO_TUMOR_INDEX
 
 
 def tumor_probability(probabilities: np.ndarray) -> np.ndarray:

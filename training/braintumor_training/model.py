@@ -6,6 +6,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+
 from braintumor.config import CHANNELS, IMAGE_SIZE, INPUT_NAME, LABELS, OUTPUT_NAME
 
 #: BatchNorm momentum for training from scratch. Keras' MobileNetV3 default (0.999) lets the moving

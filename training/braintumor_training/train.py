@@ -20,9 +20,9 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from braintumor.config import IMAGE_SIZE, LABELS
 from sklearn.utils.class_weight import compute_class_weight
 
+from braintumor.config import IMAGE_SIZE, LABELS
 from braintumor_training.audit import DEFAULT_NEAR_DUPLICATE_THRESHOLD, audit_dataset
 from braintumor_training.augment import build_augmenter
 from braintumor_training.dataset import ImageRecord, load_arrays
@@ -56,6 +56,7 @@ class TrainConfig:
         threshold: near-duplicate Hamming distance used by the audit.
         weights: optional local backbone weights file to start from.
         limit_per_class: keep at most this many training images per class (smoke tests).
+        collapse_grace_epochs: epochs before the collapse guard may stop a run.
     """
 
     data_dir: str
@@ -73,6 +74,7 @@ class TrainConfig:
     threshold: int = DEFAULT_NEAR_DUPLICATE_THRESHOLD
     weights: str | None = None
     limit_per_class: int | None = None
+    collapse_grace_epochs: int = 5
 
 
 class CollapseGuard(keras.callbacks.Callback):
@@ -222,7 +224,7 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
         metrics=["accuracy"],
     )
     probe = x_val[: min(64, len(x_val))].astype(np.float32)
-    guard = CollapseGuard(probe)
+    guard = CollapseGuard(probe, grace_epochs=config.collapse_grace_epochs)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(out_dir / "backup")),
         guard,

@@ -1,0 +1,165 @@
+"""Train a tiny model on synthetic images, evaluate it, and publish it through the quality gate."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from synthetic import make_dataset
+
+pytest.importorskip("tensorflow")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from braintumor.cli import main
+from braintumor.config import INPUT_NAME, LABELS, OUTPUT_NAME
+from braintumor_training.train import TrainConfig, TrainingError, train
+
+pytestmark = pytest.mark.slow
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("syn"), {"Training": 20, "Testing": 5}, seed=11)
+
+
+@pytest.fixture(scope="module")
+def run_dir(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--image-size", str(SIZE)]) == 0
+    assert main(["evaluate", str(out)]) == 0
+    return out
+
+
+def test_run_folder_has_audit_checkpoints_and_logs(run_dir):
+    for name in ("audit.json", "audit.md", "config.json", "best.keras", "last.keras", "history.csv", "run.json"):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "tensorboard").is_dir()
+    rows = list(csv.DictReader((run_dir / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1] and "probe_std" in rows[0]
+    metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
+    assert metrics["temperature"] > 0 and metrics["test"]["n_images"] == 20
+    for figure in ("confusion_test.png", "confusion_test_leak_free.png", "reliability.png"):
+        assert (run_dir / "evaluation" / figure).stat().st_size > 1000
+
+
+def test_finished_or_differently_configured_runs_are_not_overwritten(run_dir, data):
+    config = TrainConfig(data_dir=str(data), out_dir=str(run_dir), epochs=2, image_size=SIZE)
+    assert main(["train", "--data", str(data), "--out", str(run_dir), "--epochs", "2", "--image-size", str(SIZE)]) == 2
+    with pytest.raises(TrainingError, match="finished run"):
+        train(config)
+    config.epochs = 3
+    with pytest.raises(TrainingError, match="different configuration"):
+        train(config)
+
+
+def test_quality_gate_refuses_a_weak_model(run_dir, tmp_path, capsys):
+    repo = tmp_path / "model_repository"
+    code = main(
+        [
+            "export",
+            str(run_dir),
+            "--repository",
+            str(repo),
+            "--tfserving-base",
+            str(tmp_path / "tfs"),
+            "--min-accuracy",
+            "0.999",
+        ]
+    )
+    assert code == 2
+    assert "below the quality gate" in capsys.readouterr().err
+    assert not (repo / "braintumor").exists()
+
+
+def test_export_publishes_verified_versions(run_dir, tmp_path):
+    repo, tfs = tmp_path / "model_repository", tmp_path / "tfs"
+    args = [
+        "export",
+        str(run_dir),
+        "--repository",
+        str(repo),
+        "--tfserving-base",
+        str(tfs),
+        "--min-accuracy",
+        "0",
+        "--min-leak-free-accuracy",
+        "0",
+        "--min-tumor-sensitivity",
+        "0",
+    ]
+    assert main(args) == 0
+    assert main(args) == 0
+    model_dir = repo / "braintumor"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "config.pbtxt", "labels.txt"]
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["metrics.json", "model-card.md", "model.onnx"]
+    assert (model_dir / "labels.txt").read_text().split() == list(LABELS)
+    config = (model_dir / "config.pbtxt").read_text()
+    assert f"dims: [ {SIZE}, {SIZE}, 3 ]" in config and 'label_filename: "labels.txt"' in config
+
+    metrics = json.loads((model_dir / "2" / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "tumor_sensitivity", "tumor_specificity"):
+        assert 0.0 <= metrics["test"][key] <= 1.0
+    assert metrics["test_leak_free"]["n_images"] > 0 and "accuracy" in metrics["test_leak_free"]
+    assert metrics["export_parity"]["max_abs_diff"] <= 1e-4
+    card = (model_dir / "2" / "model-card.md").read_text()
+    assert "not a diagnostic device" in card.replace("*", "") and "braintumor train" in card and "leak-free" in card
+
+    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"))
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    assert (inp.name, inp.type, inp.shape[1:]) == (INPUT_NAME, "tensor(uint8)", [SIZE, SIZE, 3])
+    assert out.name == OUTPUT_NAME
+    x = np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
+    p = session.run(None, {INPUT_NAME: x})[0]
+    assert p.shape == (5, len(LABELS)) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    for version in ("1", "2"):
+        assert (tfs / "braintumor" / version / "saved_model.pb").exists()
+    assert not list(tmp_path.glob(".export-*")), "staging folders must not be left behind"
+
+
+def test_export_needs_an_evaluated_run(data, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["export", str(tmp_path / "run"), "--repository", str(tmp_path / "r")]) == 2
+    assert "run `braintumor evaluate" in capsys.readouterr().err
+
+
+def test_interrupted_training_resumes_where_it_stopped(data, tmp_path):
+    out = tmp_path / "resumable"
+    command = [
+        sys.executable,
+        "-m",
+        "braintumor.cli",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "6",
+        "--image-size",
+        str(SIZE),
+        "--collapse-grace-epochs",
+        "100",
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    history = out / "history.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not history.exists() or len(history.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(history.read_text().splitlines()) - 1
+    assert 2 <= done_before < 6, "the run was to be killed part way"
+    assert (out / "backup").exists() and not (out / "last.keras").exists()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    epochs = [int(r["epoch"]) for r in csv.DictReader(history.open())]
+    assert epochs[-1] == 5
+    assert epochs.count(0) == 1, f"resumed run started again from scratch: {epochs}"
+    assert (out / "last.keras").exists() and not (out / "backup").exists()

@@ -98,7 +98,7 @@ def test_export_publishes_verified_versions(run_dir, tmp_path):
     assert main(args) == 0
     assert main(args) == 0
     model_dir = repo / "braintumor"
-    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "config.pbtxt", "labels.txt"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "config.pbtxt", "configs", "labels.txt"]
     assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["metrics.json", "model-card.md", "model.onnx"]
     assert (model_dir / "labels.txt").read_text().split() == list(LABELS)
     config = (model_dir / "config.pbtxt").read_text()

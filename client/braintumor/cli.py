@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from braintumor.config import DEFAULT_MODEL_REPOSITORY, DEFAULT_TFSERVING_BASE, IMAGE_SIZE, MODEL_NAME
+from braintumor.config import DEFAULT_DATA_DIR, DEFAULT_MODEL_REPOSITORY, DEFAULT_TFSERVING_BASE, IMAGE_SIZE, MODEL_NAME
 
 
 def _require_training(tensorflow: bool = True) -> None:
@@ -104,6 +104,74 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from braintumor_serving.triton import ServerConfig, serve
+    except ImportError as err:
+        sys.exit(f"braintumor: serving needs the serve extra ({err}); install it with: pip install -e '.[serve]'")
+    config = ServerConfig(
+        repository=Path(args.repository),
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        model_config_name=args.model_config_name or None,
+        log_file=Path(args.log_file) if args.log_file else None,
+    )
+    return serve(config, ready_timeout=args.ready_timeout)
+
+
+def _bench_pixels(data_dir: Path, n: int = 64):
+    import numpy as np
+
+    from braintumor.config import IMAGE_SIZE, IMAGE_SUFFIXES
+    from braintumor.preprocessing import preprocess_batch
+
+    files = sorted(p for p in (data_dir / "Testing").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if files:
+        print(f"Benchmark images: {min(n, len(files))} Testing images from {data_dir}")
+        return preprocess_batch(files[:: max(1, len(files) // n)][:n])
+    print(f"Benchmark images: random pixels ({data_dir} not found; content does not change the speed)")
+    return np.random.default_rng(0).integers(0, 256, (n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import socket
+
+    from braintumor.config import MODEL_NAME as NAME
+    from braintumor.model_repository import versions
+    from braintumor_serving.bench import format_table, run_benchmark, write_results
+    from braintumor_serving.triton import ServeError, ServerConfig, TritonServer
+
+    repository = Path(args.repository)
+    published = versions(repository / NAME)
+    if not published:
+        print(f"braintumor bench: no published version of {NAME} in {repository}", file=sys.stderr)
+        return 2
+    model = repository / NAME / str(published[-1]) / "model.onnx"
+    pixels = _bench_pixels(Path(args.data))
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    config = ServerConfig(repository=repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    try:
+        with TritonServer(config) as server:
+            server.wait_until_ready(180)
+            print(f"Embedded Triton ready on {config.grpc_url}; measuring {args.seconds:.0f} s per point ...")
+            results = run_benchmark(model, config.grpc_url, config.metrics_url, pixels, seconds=args.seconds)
+    except ServeError as err:
+        print(f"braintumor bench: {err}", file=sys.stderr)
+        return 2
+    results["model"] = f"{NAME} version {published[-1]}"
+    print(format_table(results))
+    write_results(results, Path(args.out))
+    print(f"Wrote {args.out}/bench.json, bench.txt and bench.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``braintumor`` command."""
     parser = argparse.ArgumentParser(prog="braintumor", description=__doc__)
@@ -149,6 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-leak-free-accuracy", type=float, default=0.93)
     p.add_argument("--min-tumor-sensitivity", type=float, default=0.97)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="run the model repository on the embedded Triton server (CPU)")
+    p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--model-config-name", default="cpu", help="configs/<name>.pbtxt to serve ('' for config.pbtxt)")
+    p.add_argument("--log-file", default=None, help="keep Triton's own log in this file")
+    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("bench", help="in-process ONNX Runtime versus Triton gRPC throughput and latency")
+    p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
+    p.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="images to send (Testing split)")
+    p.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    p.add_argument("--out", default="docs/benchmarks", help="folder for bench.json, bench.txt, bench.png")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

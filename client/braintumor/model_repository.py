@@ -1,12 +1,16 @@
-"""The versioned Triton model repository: layout, versions, labels and model configuration.
+"""The versioned Triton model repository: layout, versions, labels and model configurations.
 
 Layout (one folder per model)::
 
     model_repository/<model>/
-        config.pbtxt     # Triton model configuration
-        labels.txt       # one label per line, in output order (Triton's classification extension)
-        <N>/model.onnx   # version N: uint8 pixels in, calibrated probabilities out
+        config.pbtxt        # GPU Triton container: onnxruntime backend with the TensorRT accelerator
+        configs/cpu.pbtxt   # embedded CPU server (tritonserver --model-config-name=cpu): the
+                            # onnxruntime_python backend, running the same model.onnx
+        labels.txt          # one label per line, in output order (Triton's classification extension)
+        <N>/model.onnx      # version N: uint8 pixels in, calibrated probabilities out
         <N>/model-card.md, <N>/metrics.json
+
+Both configurations are generated here from the same constants, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from braintumor.config import CHANNELS, INPUT_NAME, LABELS, MAX_BATCH_SIZE, OUTP
 
 LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.pbtxt"
+CPU_CONFIG_NAME = "cpu"
 MODEL_FILE = "model.onnx"
+#: Versions served side by side by default (Triton version policy ``latest``).
+SERVED_VERSIONS = 2
 
 
 def versions(model_dir: Path) -> list[int]:
@@ -33,10 +40,21 @@ def next_version(model_dir: Path) -> int:
     return published[-1] + 1 if published else 1
 
 
-def render_config(model_name: str, image_size: int, max_batch_size: int = MAX_BATCH_SIZE) -> str:
-    """The Triton model configuration for an ONNX classifier served by the onnxruntime backend."""
+def _common(model_name: str, backend: str, image_size: int, max_batch_size: int, served_versions: int) -> str:
+    warmups = "\n".join(
+        f"""  {{
+    name: "warmup_batch_{n}"
+    batch_size: {n}
+    inputs {{
+      key: "{INPUT_NAME}"
+      value {{ data_type: TYPE_UINT8 dims: [ {image_size}, {image_size}, {CHANNELS} ] random_data: true }}
+    }}
+  }},"""
+        for n in (1, max_batch_size)
+    ).rstrip(",")
     return f"""name: "{model_name}"
-backend: "onnxruntime"
+backend: "{backend}"
+default_model_filename: "{MODEL_FILE}"
 max_batch_size: {max_batch_size}
 input [
   {{
@@ -53,15 +71,71 @@ output [
     label_filename: "{LABELS_FILE}"
   }}
 ]
-dynamic_batching {{
-  max_queue_delay_microseconds: 500
-}}
-version_policy: {{ latest: {{ num_versions: 2 }} }}
+version_policy: {{ latest: {{ num_versions: {served_versions} }} }}
+# Not ready until every instance has run a batch of 1 and a full batch.
+model_warmup [
+{warmups}
+]
 """
 
 
+def render_gpu_config(
+    model_name: str, image_size: int, max_batch_size: int = MAX_BATCH_SIZE, served_versions: int = SERVED_VERSIONS
+) -> str:
+    """``config.pbtxt`` for the official Triton container: onnxruntime backend, TensorRT accelerator."""
+    return (
+        "# GPU Triton (official container): ONNX Runtime with the TensorRT execution provider.\n"
+        + _common(model_name, "onnxruntime", image_size, max_batch_size, served_versions)
+        + """instance_group [ { count: 2, kind: KIND_GPU } ]
+dynamic_batching {
+  preferred_batch_size: [ 8, 16, 32 ]
+  max_queue_delay_microseconds: 1000
+}
+optimization {
+  execution_accelerators {
+    gpu_execution_accelerator: [
+      {
+        name: "tensorrt"
+        # FP32 until FP16 parity with the published metrics is verified on the target GPU.
+        parameters { key: "precision_mode" value: "FP32" }
+        parameters { key: "max_workspace_size_bytes" value: "1073741824" }
+        parameters { key: "trt_engine_cache_enable" value: "1" }
+        parameters { key: "trt_engine_cache_path" value: "/tmp/triton-trt-cache" }
+      }
+    ]
+  }
+}
+"""
+    )
+
+
+def render_cpu_config(
+    model_name: str,
+    image_size: int,
+    max_batch_size: int = MAX_BATCH_SIZE,
+    served_versions: int = SERVED_VERSIONS,
+    intra_op_threads: int = 0,
+) -> str:
+    """``configs/cpu.pbtxt`` for the embedded CPU server (python-based ``onnxruntime_python`` backend)."""
+    return (
+        "# Embedded CPU Triton (braintumor serve): the same model.onnx through ONNX Runtime in the python backend.\n"
+        + _common(model_name, "onnxruntime_python", image_size, max_batch_size, served_versions)
+        + f"""instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+# No queue delay: a request runs at once when the instance is idle (low latency at low load); while it is
+# busy, the requests that arrive queue up and run together as the next batch (throughput at high load).
+dynamic_batching {{
+  max_queue_delay_microseconds: 0
+}}
+parameters {{ key: "intra_op_num_threads" value: {{ string_value: "{intra_op_threads}" }} }}
+parameters {{ key: "graph_optimization_level" value: {{ string_value: "all" }} }}
+"""
+    )
+
+
 def write_model_files(model_dir: Path, model_name: str, image_size: int) -> None:
-    """Write ``labels.txt`` and ``config.pbtxt`` beside the model's versions."""
+    """Write ``labels.txt``, ``config.pbtxt`` (GPU) and ``configs/cpu.pbtxt`` beside the model's versions."""
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / LABELS_FILE).write_text("\n".join(LABELS) + "\n")
-    (model_dir / CONFIG_FILE).write_text(render_config(model_name, image_size))
+    (model_dir / CONFIG_FILE).write_text(render_gpu_config(model_name, image_size))
+    (model_dir / "configs").mkdir(exist_ok=True)
+    (model_dir / "configs" / f"{CPU_CONFIG_NAME}.pbtxt").write_text(render_cpu_config(model_name, image_size))

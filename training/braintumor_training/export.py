@@ -305,6 +305,8 @@ def export_run(
 
         published = {k: metrics[k] for k in ("validation", "test", "test_leak_free", "temperature", "image_size")}
         published["export_parity"] = parity
+        published["audit"] = {"near_duplicate_threshold": audit["threshold"], **audit["summary"]}
+        published["leak_free_test_images"] = audit["leak_free_test"]
         published["training"] = {
             "total_train_seconds": run.get("total_train_seconds"),
             "commands": [x.get("command") for x in run.get("sessions", [])],

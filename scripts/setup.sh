@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine: a Python 3.11 virtual environment in .venv with the project and every extra
+# (training, serving, load testing, tests) installed in editable mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 is required, found {sys.version}"'
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[dev]'
+.venv/bin/python -c 'import numpy; assert numpy.__version__.startswith("1."), numpy.__version__'
+echo "Set up: activate with 'source .venv/bin/activate' (or call .venv/bin/braintumor)."

@@ -1,0 +1,7 @@
+"""braintumor_serving: runs the model repository on a real Triton Inference Server.
+
+:mod:`braintumor_serving.triton` starts the ``tritonserver`` binary bundled in the ``nvidia-pytriton``
+wheel on this machine's CPU; :mod:`braintumor_serving.backends` holds the python-based
+``onnxruntime_python`` backend that lets that bundle (which has only the python backend) serve the
+same ONNX files as the GPU container.
+"""

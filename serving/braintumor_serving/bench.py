@@ -1,0 +1,220 @@
+"""``braintumor bench``: in-process ONNX Runtime versus end-to-end Triton gRPC, measured in one run.
+
+In-process: one ONNX Runtime session (the server's session options) at several batch sizes. Triton:
+batch-1 gRPC requests from an asyncio client (``tritonclient.grpc.aio``) keeping N requests in flight,
+against the embedded server on the same machine; the batch size Triton formed comes from its metrics
+(``nv_inference_count`` over ``nv_inference_exec_count``). The ratios answer "what does serving cost?".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import tritonclient.grpc.aio as grpcaio
+
+from braintumor.config import INPUT_NAME, MODEL_NAME, OUTPUT_NAME
+
+
+@dataclass
+class Point:
+    """One measurement.
+
+    Args:
+        name: what was measured (``onnxruntime`` or ``triton``).
+        batch_size: images per call (in-process) or per request (Triton).
+        concurrency: requests in flight (Triton) or 1.
+        images_per_s: throughput.
+        latency_ms: p50, p95 and p99 of one call or request, in milliseconds.
+        formed_batch: the average batch Triton executed (Triton only).
+    """
+
+    name: str
+    batch_size: int
+    concurrency: int
+    images_per_s: float
+    latency_ms: dict[str, float]
+    formed_batch: float | None = None
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    values = np.array(samples) * 1000.0
+    return {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
+
+
+def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    """The ONNX Runtime options the served model uses (see ``configs/cpu.pbtxt``)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def bench_onnxruntime(model: Path, pixels: np.ndarray, batch_size: int, seconds: float) -> Point:
+    """Throughput and latency of in-process ONNX Runtime calls of ``batch_size`` images."""
+    session = ort.InferenceSession(str(model), session_options(), providers=["CPUExecutionProvider"])
+    batch = np.resize(pixels, (batch_size, *pixels.shape[1:]))
+    for _ in range(3):
+        session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+    times: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+        times.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - start
+    return Point("onnxruntime", batch_size, 1, len(times) * batch_size / elapsed, _percentiles(times))
+
+
+def _read_counts(metrics_url: str, model: str) -> tuple[float, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    counts = {"nv_inference_count": 0.0, "nv_inference_exec_count": 0.0}
+    for line in text.splitlines():
+        for name in counts:
+            if line.startswith(name + "{") and f'model="{model}"' in line:
+                counts[name] += float(line.rsplit(" ", 1)[1])
+    return counts["nv_inference_count"], counts["nv_inference_exec_count"]
+
+
+async def _triton_run(url: str, pixels: np.ndarray, concurrency: int, seconds: float, model: str) -> list[float]:
+    client = grpcaio.InferenceServerClient(url)
+    times: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def worker(k: int) -> None:
+        i = k
+        while time.perf_counter() < stop:
+            inp = grpcaio.InferInput(INPUT_NAME, [1, *pixels.shape[1:]], "UINT8")
+            inp.set_data_from_numpy(pixels[i % len(pixels)][None])
+            t = time.perf_counter()
+            await client.infer(model, [inp], outputs=[grpcaio.InferRequestedOutput(OUTPUT_NAME)])
+            times.append(time.perf_counter() - t)
+            i += concurrency
+
+    try:
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    finally:
+        await client.close()
+    return times
+
+
+def bench_triton(
+    grpc_url: str, metrics_url: str, pixels: np.ndarray, concurrency: int, seconds: float, model: str = MODEL_NAME
+) -> Point:
+    """Throughput, latency and formed batch size of batch-1 gRPC requests at ``concurrency``."""
+    asyncio.run(_triton_run(grpc_url, pixels, concurrency, min(1.0, seconds), model))  # warm up
+    before = _read_counts(metrics_url, model)
+    start = time.perf_counter()
+    times = asyncio.run(_triton_run(grpc_url, pixels, concurrency, seconds, model))
+    elapsed = time.perf_counter() - start
+    after = _read_counts(metrics_url, model)
+    executions = after[1] - before[1]
+    formed = (after[0] - before[0]) / executions if executions else None
+    return Point("triton", 1, concurrency, len(times) / elapsed, _percentiles(times), formed)
+
+
+def run_benchmark(
+    model: Path,
+    grpc_url: str,
+    metrics_url: str,
+    pixels: np.ndarray,
+    seconds: float = 5.0,
+    batch_sizes: tuple[int, ...] = (1, 8, 32),
+    concurrencies: tuple[int, ...] = (1, 4, 16, 32),
+) -> dict[str, Any]:
+    """Measure everything and compute the ratios; returns JSON-serialisable results."""
+    ort_points = {b: bench_onnxruntime(model, pixels, b, seconds) for b in batch_sizes}
+    triton_points = {c: bench_triton(grpc_url, metrics_url, pixels, c, seconds) for c in concurrencies}
+    results: dict[str, Any] = {
+        "onnxruntime": [p.__dict__ for p in ort_points.values()],
+        "triton": [p.__dict__ for p in triton_points.values()],
+        "ratios": {},
+    }
+    if 16 in triton_points and triton_points[16].formed_batch:
+        formed = max(1, round(triton_points[16].formed_batch))
+        if formed not in ort_points:
+            ort_points[formed] = bench_onnxruntime(model, pixels, formed, seconds)
+            results["onnxruntime"].append(ort_points[formed].__dict__)
+        results["ratios"]["triton_c16_over_onnxruntime_at_formed_batch"] = {
+            "formed_batch": triton_points[16].formed_batch,
+            "onnxruntime_batch": formed,
+            "ratio": triton_points[16].images_per_s / ort_points[formed].images_per_s,
+            "target": ">= 0.90",
+        }
+    if 1 in triton_points and 1 in ort_points:
+        triton, local = triton_points[1].latency_ms, ort_points[1].latency_ms
+        results["ratios"]["triton_c1_latency_overhead_ms"] = {
+            "triton_p99_ms": triton["p99"],
+            "onnxruntime_b1_p99_ms": local["p99"],
+            "p99_overhead_ms": triton["p99"] - local["p99"],
+            "p50_overhead_ms": triton["p50"] - local["p50"],
+            "target": "p99 overhead <= 3 ms",
+        }
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A readable table of the results."""
+    lines = [
+        f"{'what':<12} {'batch':>5} {'conc.':>5} {'images/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+        f"{'formed batch':>12}"
+    ]
+    for p in [*results["onnxruntime"], *results["triton"]]:
+        formed = f"{p['formed_batch']:.2f}" if p.get("formed_batch") else ""
+        lat = p["latency_ms"]
+        lines.append(
+            f"{p['name']:<12} {p['batch_size']:>5} {p['concurrency']:>5} {p['images_per_s']:>9.1f} "
+            f"{lat['p50']:>8.2f} {lat['p95']:>8.2f} {lat['p99']:>8.2f} {formed:>12}"
+        )
+    for name, r in results["ratios"].items():
+        shown = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
+        lines.append(f"{name}: {shown}")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Throughput and latency against concurrency (Triton), with in-process ONNX Runtime for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    triton = results["triton"]
+    conc = [p["concurrency"] for p in triton]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(conc, [p["images_per_s"] for p in triton], "o-", label="Triton gRPC, batch-1 requests")
+    for p in results["onnxruntime"]:
+        left.axhline(p["images_per_s"], ls=":", color="grey")
+        left.text(conc[-1], p["images_per_s"], f" ORT batch {p['batch_size']}", va="bottom", ha="right", fontsize=8)
+    left.set_xscale("log", base=2)
+    left.set_xlabel("requests in flight")
+    left.set_ylabel("images / s")
+    left.set_title("Throughput")
+    left.legend(fontsize=8)
+    for q in ("p50", "p95", "p99"):
+        right.plot(conc, [p["latency_ms"][q] for p in triton], "o-", label=f"Triton {q}")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("requests in flight")
+    right.set_ylabel("latency (ms)")
+    right.set_title("Latency per request")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(results: dict[str, Any], out_dir: Path) -> None:
+    """Write ``bench.json``, ``bench.txt`` and ``bench.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "bench.txt").write_text(format_table(results) + "\n")
+    plot(results, out_dir / "bench.png")

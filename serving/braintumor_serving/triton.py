@@ -1,0 +1,396 @@
+"""Start, check and stop the embedded Triton server (the ``tritonserver`` in the nvidia-pytriton wheel).
+
+The wheel ships the server binary, the python backend and one backend *stub* per Python version. This
+module assembles a backend directory from them (the stub for the running Python, plus this project's
+``onnxruntime_python`` backend), and starts the server with this virtual environment first on ``PATH``:
+the stub's embedded Python ignores ``PYTHONPATH`` but finds its ``sys.prefix`` from the first ``python3``
+on ``PATH``, so it runs in this environment, with its numpy 1.x and onnxruntime.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from braintumor.config import DEFAULT_MODEL_REPOSITORY
+from braintumor.model_repository import CONFIG_FILE, CPU_CONFIG_NAME, versions
+
+BACKEND_NAME = "onnxruntime_python"
+BACKEND_SOURCE = Path(__file__).parent / "backends" / BACKEND_NAME / "model.py"
+
+
+class ServeError(RuntimeError):
+    """The server cannot start: a port is taken, the repository or the Python environment is wrong."""
+
+
+@dataclass(frozen=True)
+class TritonBundle:
+    """Where the nvidia-pytriton wheel keeps the server.
+
+    Args:
+        binary: the ``tritonserver`` executable.
+        python_backend: the folder with ``libtriton_python.so`` and ``triton_python_backend_utils.py``.
+        stub: the python backend stub built for this Python version.
+        libraries: the wheel's shared libraries (for ``LD_LIBRARY_PATH``).
+    """
+
+    binary: Path
+    python_backend: Path
+    stub: Path
+    libraries: Path
+
+
+def find_bundle() -> TritonBundle:
+    """Locate the server in the installed nvidia-pytriton wheel.
+
+    Raises:
+        ServeError: when the wheel, or its stub for this Python, is missing.
+    """
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServeError("nvidia-pytriton is not installed: pip install -e '.[serve]'")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    server = root / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    bundle = TritonBundle(
+        binary=server / "bin" / "tritonserver",
+        python_backend=server / "backends" / "python",
+        stub=server / "python_backend_stubs" / version / "triton_python_backend_stub",
+        libraries=root.parent / "nvidia_pytriton.libs",
+    )
+    for path in (bundle.binary, bundle.python_backend / "libtriton_python.so", bundle.stub, bundle.libraries):
+        if not path.exists():
+            raise ServeError(f"the nvidia-pytriton bundle is incomplete: {path} not found (Python {version})")
+    return bundle
+
+
+def prepare_backend_directory(bundle: TritonBundle, destination: Path) -> Path:
+    """Assemble a Triton backend directory: the python backend with its stub, and ``onnxruntime_python``.
+
+    Files are copied, not linked: Triton refuses a backend library whose real path leaves the directory.
+    """
+    python = destination / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy2(bundle.python_backend / name, python / name)
+    shutil.copy2(bundle.stub, python / bundle.stub.name)
+    ours = destination / BACKEND_NAME
+    ours.mkdir(exist_ok=True)
+    shutil.copy2(BACKEND_SOURCE, ours / "model.py")
+    return destination
+
+
+def check_python_environment(bin_dir: Path) -> str:
+    """Check the Python that the backend stub will embed: ``bin_dir/python3`` must have numpy 1.x and
+    onnxruntime (the stub is built against numpy 1.x and silently corrupts tensors with numpy 2).
+
+    Returns:
+        The numpy version found.
+
+    Raises:
+        ServeError: with what is wrong and how to fix it.
+    """
+    python = bin_dir / "python3"
+    if not python.exists():
+        raise ServeError(f"{python} not found: run braintumor from the project's virtual environment")
+
+    def run(code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False)
+
+    def last_line(text: str) -> str:
+        return text.strip().splitlines()[-1] if text.strip() else "unknown error"
+
+    probe = run("import numpy; print(numpy.__version__)")
+    if probe.returncode != 0:
+        raise ServeError(f"the server's Python environment ({python}) has no numpy: {last_line(probe.stderr)}")
+    numpy_version = probe.stdout.strip()
+    if int(numpy_version.split(".")[0]) >= 2:
+        raise ServeError(
+            f"the server's Python environment ({python}) has numpy {numpy_version}; Triton's python backend "
+            "stub is built against numpy 1.x and would corrupt tensors. Install numpy<2 there."
+        )
+    probe = run("import onnxruntime")
+    if probe.returncode != 0:
+        raise ServeError(f"the server's Python environment ({python}) lacks onnxruntime: {last_line(probe.stderr)}")
+    return numpy_version
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """Raise :class:`ServeError` when ``host:port`` cannot be bound."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise ServeError(
+                f"{what} port {port} on {host} is already in use ({err.strerror}); stop the other server or "
+                f"choose another port (--{what.lower()}-port)"
+            ) from err
+
+
+def check_repository(repository: Path, config_name: str | None) -> dict[str, list[int]]:
+    """Check the model repository's layout; returns the published versions of each model.
+
+    Raises:
+        ServeError: when the folder is missing, holds no model, or a model lacks its configuration or versions.
+    """
+    if not repository.is_dir():
+        raise ServeError(f"model repository {repository} not found")
+    models: dict[str, list[int]] = {}
+    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        configs = [model_dir / CONFIG_FILE]
+        if config_name:
+            configs.insert(0, model_dir / "configs" / f"{config_name}.pbtxt")
+        if not any(c.exists() for c in configs):
+            raise ServeError(f"model {model_dir.name} has no configuration ({' or '.join(map(str, configs))})")
+        published = versions(model_dir)
+        if not published:
+            raise ServeError(f"model {model_dir.name} in {repository} has no numbered version folder")
+        models[model_dir.name] = published
+    if not models:
+        raise ServeError(f"model repository {repository} holds no model")
+    return models
+
+
+@dataclass
+class ServerConfig:
+    """How to run the embedded server.
+
+    Args:
+        repository: the model repository.
+        host: address every endpoint binds to (loopback by default).
+        http_port, grpc_port, metrics_port: the three endpoints' ports.
+        model_config_name: the ``configs/<name>.pbtxt`` to use (``cpu`` for this server's backend).
+        log_file: where the server's own log goes (default: a file in its temporary folder).
+        extra_args: further ``tritonserver`` arguments.
+    """
+
+    repository: Path = DEFAULT_MODEL_REPOSITORY
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    model_config_name: str | None = CPU_CONFIG_NAME
+    log_file: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the gRPC endpoint."""
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """``host:port`` of the HTTP endpoint."""
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """URL of the Prometheus metrics endpoint."""
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+class TritonServer:
+    """A running embedded Triton server; a context manager that stops it on exit.
+
+    Args:
+        config: how to run it.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.process: subprocess.Popen[bytes] | None = None
+        self.models: dict[str, list[int]] = {}
+        self._workdir: Path | None = None
+        self.log_file: Path | None = None
+
+    def command(self, backend_directory: Path) -> list[str]:
+        """The ``tritonserver`` command line."""
+        c = self.config
+        args = [
+            f"--model-repository={c.repository.resolve()}",
+            f"--backend-directory={backend_directory}",
+            f"--http-address={c.host}",
+            f"--http-port={c.http_port}",
+            f"--grpc-address={c.host}",
+            f"--grpc-port={c.grpc_port}",
+            f"--metrics-address={c.host}",
+            f"--metrics-port={c.metrics_port}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--disable-auto-complete-config",
+        ]
+        if c.model_config_name:
+            args.append(f"--model-config-name={c.model_config_name}")
+        return [str(find_bundle().binary), *args, *c.extra_args]
+
+    def start(self) -> TritonServer:
+        """Check everything, then start the server (without waiting for it to be ready).
+
+        Raises:
+            ServeError: when a check fails.
+        """
+        c = self.config
+        bundle = find_bundle()
+        self.models = check_repository(c.repository, c.model_config_name)
+        bin_dir = Path(sys.executable).parent
+        check_python_environment(bin_dir)
+        for what, port in (("HTTP", c.http_port), ("gRPC", c.grpc_port), ("metrics", c.metrics_port)):
+            check_port_free(c.host, port, what)
+        self._workdir = Path(tempfile.mkdtemp(prefix="braintumor-triton-"))
+        backends = prepare_backend_directory(bundle, self._workdir / "backends")
+        self.log_file = c.log_file or self._workdir / "tritonserver.log"
+        env = dict(os.environ)
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(bundle.libraries), env.get("LD_LIBRARY_PATH")]))
+        with open(self.log_file, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command(backends), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        return self
+
+    def is_ready(self) -> bool:
+        """Whether ``/v2/health/ready`` answers 200 (every model loaded and warmed up)."""
+        try:
+            with urllib.request.urlopen(f"http://{self.config.http_url}/v2/health/ready", timeout=1) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_until_ready(self, timeout: float = 120.0) -> None:
+        """Wait for readiness.
+
+        Raises:
+            ServeError: when the server exits first (with the errors from its log) or ``timeout`` passes.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                code = None if self.process is None else self.process.returncode
+                raise ServeError(f"tritonserver exited (status {code}) before it was ready:\n{self.errors()}")
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        raise ServeError(f"tritonserver was not ready after {timeout:.0f} s:\n{self.errors()}")
+
+    def errors(self) -> str:
+        """The error lines of the server's log (model load failures, bad configuration, …)."""
+        if not self.log_file or not self.log_file.exists():
+            return ""
+        lines = self.log_file.read_text(errors="replace").splitlines()
+        keep = [
+            line
+            for line in lines
+            if ("UNAVAILABLE" in line or "rror" in line) and "NVML" not in line and "DCGM" not in line
+        ]
+        return "\n".join(keep[-20:] or lines[-20:])
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Stop the server with SIGTERM (graceful: in-flight requests finish), then SIGKILL after ``timeout``.
+
+        Returns:
+            The server's exit status.
+        """
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            code = self.process.returncode
+        if self._workdir and self.config.log_file is None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+        return code
+
+    def __enter__(self) -> TritonServer:
+        if self.process is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(config: ServerConfig, ready_timeout: float = 180.0) -> int:
+    """Run the server in the foreground until SIGINT or SIGTERM; returns the exit status for the CLI."""
+    server = TritonServer(config)
+    stopping: list[int] = []
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        stopping.append(signum)
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            server.start()
+            print(f"Starting Triton on {config.host} (log: {server.log_file}) ...", flush=True)
+            deadline = time.monotonic() + ready_timeout
+            while not server.is_ready():
+                if stopping:
+                    break
+                if server.process is None or server.process.poll() is not None or time.monotonic() > deadline:
+                    server.wait_until_ready(0)  # raises with the server's errors
+                time.sleep(0.2)
+        except ServeError as err:
+            print(f"braintumor serve: {err}", file=sys.stderr)
+            server.stop()
+            return 2
+        if not stopping:
+            _print_ready(config)
+        while not stopping and server.process is not None and server.process.poll() is None:
+            time.sleep(0.2)
+        if not stopping:
+            print(f"braintumor serve: tritonserver stopped unexpectedly:\n{server.errors()}", file=sys.stderr)
+            server.stop()
+            return 1
+        print("Stopping Triton (waiting for in-flight requests) ...", flush=True)
+        code = server.stop()
+        print(f"Stopped (tritonserver exit status {code}).", flush=True)
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def ready_models(http_url: str) -> dict[str, list[int]]:
+    """The model versions the server reports READY (Triton's repository index)."""
+    request = urllib.request.Request(f"http://{http_url}/v2/repository/index", data=b"{}", method="POST")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        index = json.loads(response.read())
+    ready: dict[str, list[int]] = {}
+    for entry in index:
+        if entry.get("state") == "READY":
+            ready.setdefault(entry["name"], []).append(int(entry["version"]))
+    return {name: sorted(v) for name, v in sorted(ready.items())}
+
+
+def _print_ready(config: ServerConfig) -> None:
+    models = ready_models(config.http_url)
+    served = ", ".join(f"{name} (versions {', '.join(map(str, v))})" for name, v in models.items())
+    name = next(iter(models), "braintumor")
+    print(
+        f"Triton is ready: {served}\n"
+        f"  gRPC     {config.grpc_url}\n"
+        f"  HTTP     http://{config.http_url}   e.g. curl http://{config.http_url}/v2/models/{name}\n"
+        f"  metrics  {config.metrics_url}\n"
+        "Press Ctrl+C to stop.",
+        flush=True,
+    )

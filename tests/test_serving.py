@@ -1,0 +1,245 @@
+"""The embedded Triton server, started for real on free loopback ports."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from helpers import copy_repository, free_ports, metric
+
+from synthetic import random_slice
+
+ort = pytest.importorskip("onnxruntime")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+httpclient = pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException
+
+from braintumor.config import IMAGE_SIZE, INPUT_NAME, LABELS, MAX_BATCH_SIZE, MODEL_NAME, OUTPUT_NAME
+from braintumor.preprocessing import preprocess_batch
+from braintumor_serving.triton import ServeError, ServerConfig, TritonServer, check_python_environment
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    repository = copy_repository(tmp_path_factory.mktemp("repo") / "model_repository", extra_versions=1)
+    http, grpc, metrics = free_ports(3)
+    config = ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics)
+    with TritonServer(config) as running:
+        running.wait_until_ready(180)
+        yield running
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    rng = np.random.default_rng(5)
+    return preprocess_batch([random_slice(rng, 224, k % 4) for k in range(6)])
+
+
+def _reference(repository, version, pixels):
+    session = ort.InferenceSession(str(repository / MODEL_NAME / str(version) / "model.onnx"))
+    return session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+
+
+def _grpc_infer(client, batch, version="", **kwargs):
+    inp = grpcclient.InferInput(INPUT_NAME, list(batch.shape), "UINT8")
+    inp.set_data_from_numpy(batch)
+    out = grpcclient.InferRequestedOutput(OUTPUT_NAME, **kwargs)
+    return client.infer(MODEL_NAME, [inp], model_version=version, outputs=[out])
+
+
+def test_health_metadata_and_config(server):
+    client = grpcclient.InferenceServerClient(server.config.grpc_url)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL_NAME)
+    meta = client.get_model_metadata(MODEL_NAME, as_json=True)
+    assert meta["inputs"] == [{"name": INPUT_NAME, "datatype": "UINT8", "shape": ["-1", "160", "160", "3"]}]
+    assert meta["outputs"] == [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": ["-1", str(len(LABELS))]}]
+    config = client.get_model_config(MODEL_NAME, as_json=True)["config"]
+    assert config["backend"] == "onnxruntime_python" and config["max_batch_size"] == MAX_BATCH_SIZE
+    assert "dynamic_batching" in config and config["model_warmup"]
+    http = httpclient.InferenceServerClient(server.config.http_url)
+    assert http.is_server_live() and http.is_model_ready(MODEL_NAME)
+
+
+def test_grpc_and_http_equal_in_process_onnx_runtime(server, pixels):
+    expected = _reference(server.config.repository, 2, pixels)
+    got = _grpc_infer(grpcclient.InferenceServerClient(server.config.grpc_url), pixels).as_numpy(OUTPUT_NAME)
+    assert np.abs(got - expected).max() <= 1e-5
+
+    http = httpclient.InferenceServerClient(server.config.http_url)
+    inp = httpclient.InferInput(INPUT_NAME, list(pixels.shape), "UINT8")
+    inp.set_data_from_numpy(pixels, binary_data=True)
+    got_http = http.infer(MODEL_NAME, [inp]).as_numpy(OUTPUT_NAME)
+    assert np.abs(got_http - expected).max() <= 1e-5
+
+
+def test_batches_form_under_concurrency(server, pixels):
+    url = server.config.metrics_url
+    before = (
+        metric(url, "nv_inference_count", model=MODEL_NAME),
+        metric(url, "nv_inference_exec_count", model=MODEL_NAME),
+    )
+    client = grpcclient.InferenceServerClient(server.config.grpc_url)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: _grpc_infer(client, pixels[i % 6 : i % 6 + 1]), range(96)))
+    assert all(r.as_numpy(OUTPUT_NAME).shape == (1, len(LABELS)) for r in results)
+    inferences = metric(url, "nv_inference_count", model=MODEL_NAME) - before[0]
+    executions = metric(url, "nv_inference_exec_count", model=MODEL_NAME) - before[1]
+    assert inferences == 96
+    assert executions < inferences, f"no batching: {executions} executions for {inferences} inferences"
+
+
+def test_two_versions_are_served_and_selectable(server, pixels):
+    index = json.loads(
+        urllib.request.urlopen(
+            urllib.request.Request(f"http://{server.config.http_url}/v2/repository/index", data=b"{}"), timeout=5
+        ).read()
+    )
+    assert {(m["version"], m["state"]) for m in index if m["name"] == MODEL_NAME} >= {("1", "READY"), ("2", "READY")}
+    client = grpcclient.InferenceServerClient(server.config.grpc_url)
+    for version in ("1", "2"):
+        response = _grpc_infer(client, pixels[:2], version=version)
+        assert response.get_response().model_version == version
+        expected = _reference(server.config.repository, version, pixels[:2])
+        assert np.abs(response.as_numpy(OUTPUT_NAME) - expected).max() <= 1e-5
+    latest = _grpc_infer(client, pixels[:1]).get_response().model_version
+    assert latest == "2"
+
+
+def test_classification_extension_returns_labels(server, pixels):
+    client = grpcclient.InferenceServerClient(server.config.grpc_url)
+    result = _grpc_infer(client, pixels[:1], class_count=2).as_numpy(OUTPUT_NAME)
+    assert result.shape == (1, 2)
+    probs = _reference(server.config.repository, 2, pixels[:1])[0]
+    value, index, label = result[0][0].decode().split(":")
+    assert int(index) == int(probs.argmax()) and label == LABELS[int(index)]
+    assert float(value) == pytest.approx(float(probs.max()), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("array", "datatype", "message"),
+    [
+        (np.zeros((1, 100, 100, 3), np.uint8), "UINT8", "shape"),
+        (np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32), "FP32", "data-type"),
+        (np.zeros((MAX_BATCH_SIZE + 1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8), "UINT8", "batch-size"),
+    ],
+    ids=["wrong-shape", "wrong-dtype", "batch-too-large"],
+)
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, pixels, array, datatype, message):
+    client = grpcclient.InferenceServerClient(server.config.grpc_url)
+    inp = grpcclient.InferInput(INPUT_NAME, list(array.shape), datatype)
+    inp.set_data_from_numpy(array)
+    with pytest.raises(InferenceServerException, match=message) as err:
+        client.infer(MODEL_NAME, [inp])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert _grpc_infer(client, pixels[:1]).as_numpy(OUTPUT_NAME).shape == (1, len(LABELS))
+
+
+def test_serve_command_starts_and_stops_cleanly_on_sigterm(tmp_path):
+    http, grpc, metrics = free_ports(3)
+    command = [
+        sys.executable,
+        "-m",
+        "braintumor.cli",
+        "serve",
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+        "--metrics-port",
+        str(metrics),
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Triton is ready" in line or not line:
+            break
+    assert any("Triton is ready" in line for line in lines), "".join(lines) + proc.stderr.read()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
+    assert client.is_server_ready()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Stopped (tritonserver exit status 0)" in out
+    with pytest.raises(InferenceServerException):
+        client.is_server_live()
+
+
+def test_busy_port_gives_a_clear_error_and_nonzero_exit(server):
+    _, http, metrics = free_ports(3)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "braintumor.cli",
+            "serve",
+            "--grpc-port",
+            str(server.config.grpc_port),
+            "--http-port",
+            str(http),
+            "--metrics-port",
+            str(metrics),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"gRPC port {server.config.grpc_port} on 127.0.0.1 is already in use" in result.stderr
+
+
+def test_invalid_repository_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ServeError, match="holds no model"):
+        TritonServer(ServerConfig(repository=tmp_path / "empty")).start()
+    (tmp_path / "bad" / "m" / "1").mkdir(parents=True)
+    with pytest.raises(ServeError, match="no configuration"):
+        TritonServer(ServerConfig(repository=tmp_path / "bad")).start()
+
+
+def test_broken_model_makes_the_server_exit_with_its_error(tmp_path):
+    repository = copy_repository(tmp_path / "model_repository")
+    (repository / MODEL_NAME / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics))
+    with server, pytest.raises(ServeError, match="exited"):
+        server.wait_until_ready(120)
+
+
+def test_numpy_2_in_the_servers_environment_is_refused(tmp_path):
+    base = subprocess.run(
+        [sys.executable, "-c", "import sys; print(sys.base_prefix)"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    venv = tmp_path / "np2"
+    subprocess.run(
+        [f"{base}/bin/python3", "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True
+    )
+    found = subprocess.run(
+        [str(venv / "bin" / "python3"), "-c", "import numpy; print(numpy.__version__)"], capture_output=True, text=True
+    )
+    if found.returncode != 0 or not found.stdout.startswith("2."):
+        pytest.skip(f"the base Python has no numpy 2 to test with ({found.stdout.strip() or found.stderr[-200:]})")
+    with pytest.raises(ServeError, match=r"numpy 2\..*numpy<2"):
+        check_python_environment(venv / "bin")
+
+
+def test_port_check_detects_a_listener():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        from braintumor_serving.triton import check_port_free
+
+        with pytest.raises(ServeError, match="already in use"):
+            check_port_free("127.0.0.1", sock.getsockname()[1], "HTTP")

@@ -39,9 +39,12 @@ def test_batch_stacks_images():
     assert batch.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and batch.dtype == np.uint8
 
 
-@pytest.mark.parametrize("payload", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 20])
-def test_bad_bytes_raise_a_clear_error(payload):
-    with pytest.raises(InvalidImageError, match="cannot read"):
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [(b"", "is empty"), (b"not an image at all", "cannot read"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "cannot read")],
+)
+def test_bad_bytes_raise_a_clear_error(payload, message):
+    with pytest.raises(InvalidImageError, match=message):
         preprocess(payload)
 
 
@@ -58,6 +61,6 @@ def test_missing_file_and_bad_arrays(tmp_path):
     with pytest.raises(InvalidImageError, match="no such file"):
         preprocess(tmp_path / "missing.png")
     with pytest.raises(InvalidImageError, match="uint8"):
-        preprocess(np.zeros((10, 10), dtype=np.float32))
+        preprocess(np.zeros((40, 40), dtype=np.float32))
     with pytest.raises(InvalidImageError, match="shape"):
-        preprocess(np.zeros((10, 10, 2), dtype=np.uint8))
+        preprocess(np.zeros((40, 40, 2), dtype=np.uint8))

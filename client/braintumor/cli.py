@@ -96,6 +96,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             model_name=args.model_name,
             gate=gate,
             data_dir=Path(args.data) if args.data else None,
+            served_versions=args.served_versions,
         )
     except ExportError as err:
         print(f"braintumor export: {err}", file=sys.stderr)
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-accuracy", type=float, default=0.95, help="quality gate on Testing accuracy")
     p.add_argument("--min-leak-free-accuracy", type=float, default=0.93)
     p.add_argument("--min-tumor-sensitivity", type=float, default=0.97)
+    p.add_argument("--served-versions", type=int, default=2, help="latest versions Triton serves side by side")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("serve", help="run the model repository on the embedded Triton server (CPU)")
@@ -228,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", default=None, help="keep Triton's own log in this file")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("predict", help="classify images, folders or globs with a running server")
+    from braintumor.predict_cli import add_arguments, run
+
+    add_arguments(p)
+    p.set_defaults(func=run)
 
     p = sub.add_parser("bench", help="in-process ONNX Runtime versus Triton gRPC throughput and latency")
     p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))

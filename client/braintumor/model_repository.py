@@ -132,10 +132,21 @@ parameters {{ key: "graph_optimization_level" value: {{ string_value: "all" }} }
     )
 
 
-def write_model_files(model_dir: Path, model_name: str, image_size: int) -> None:
-    """Write ``labels.txt``, ``config.pbtxt`` (GPU) and ``configs/cpu.pbtxt`` beside the model's versions."""
+def write_model_files(
+    model_dir: Path, model_name: str, image_size: int, served_versions: int = SERVED_VERSIONS
+) -> None:
+    """Write ``labels.txt``, ``config.pbtxt`` (GPU) and ``configs/cpu.pbtxt`` beside the model's versions.
+
+    Args:
+        model_dir: the model's folder in the repository.
+        model_name: the model's name.
+        image_size: side of the model's square input.
+        served_versions: how many of the latest versions Triton serves side by side.
+    """
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / LABELS_FILE).write_text("\n".join(LABELS) + "\n")
-    (model_dir / CONFIG_FILE).write_text(render_gpu_config(model_name, image_size))
+    gpu = render_gpu_config(model_name, image_size, served_versions=served_versions)
+    cpu = render_cpu_config(model_name, image_size, served_versions=served_versions)
+    (model_dir / CONFIG_FILE).write_text(gpu)
     (model_dir / "configs").mkdir(exist_ok=True)
-    (model_dir / "configs" / f"{CPU_CONFIG_NAME}.pbtxt").write_text(render_cpu_config(model_name, image_size))
+    (model_dir / "configs" / f"{CPU_CONFIG_NAME}.pbtxt").write_text(cpu)

@@ -29,7 +29,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
 from braintumor.config import LABELS
-from braintumor.preprocessing import InvalidImageError, load_image
+from braintumor.preprocessing import InvalidImageError, load_image, to_grey
 from braintumor_training.dataset import TEST_SPLIT, TRAIN_SPLIT, ImageRecord, scan_dataset
 
 #: Side of the perceptual hash grid: 16 gives 256-bit hashes.
@@ -96,7 +96,7 @@ def _inspect(data_dir: Path, record: ImageRecord) -> ImageFacts:
     try:
         image = load_image(data_dir / record.path)
         facts.size, facts.mode = image.size, image.mode
-        grey = image.convert("L")
+        grey = to_grey(image)
         facts.pixel_sha256 = hashlib.sha256(grey.tobytes()).hexdigest()
         bits = imagehash.phash(grey, hash_size=HASH_SIZE).hash.flatten()
         facts.phash = np.packbits(bits).tobytes()

@@ -25,7 +25,7 @@ import onnxruntime as ort
 import tensorflow as tf
 
 from braintumor.config import INPUT_NAME, LABELS, MODEL_NAME, OUTPUT_NAME
-from braintumor.model_repository import MODEL_FILE, next_version, write_model_files
+from braintumor.model_repository import MODEL_FILE, SERVED_VERSIONS, next_version, write_model_files
 from braintumor_training.dataset import load_arrays
 from braintumor_training.evaluate import EVALUATION_DIR, load_classifier, load_run, run_sets, summary_rows
 from braintumor_training.model import build_served_model
@@ -257,8 +257,11 @@ def export_run(
     model_name: str = MODEL_NAME,
     gate: QualityGate = QualityGate(),
     data_dir: Path | None = None,
+    served_versions: int = SERVED_VERSIONS,
 ) -> Path:
     """Publish ``run_dir`` as the next version of ``model_name``; returns the new version folder.
+
+    ``served_versions`` (Triton's ``latest`` version policy) is written into the model configurations.
 
     Raises:
         ExportError: when the run is not evaluated, misses the gate, or fails verification.
@@ -316,7 +319,7 @@ def export_run(
             render_model_card(model_name, version, metrics, run, audit, config, parity, gate)
         )
 
-        write_model_files(model_dir, model_name, int(config["image_size"]))
+        write_model_files(model_dir, model_name, int(config["image_size"]), served_versions)
         tf_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(tf_staging), tf_dir)
         (staging).rename(model_dir / str(version))

@@ -1,0 +1,234 @@
+"""``TumorClassifier``: the synchronous gRPC client of the served brain-tumor model.
+
+One instance holds one gRPC channel, which is safe to share between threads. Every call has a deadline
+(``timeout``); calls that fail with a retryable status (``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``,
+``ABORTED``) are retried with exponential backoff, others fail at once with a named error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, TypeVar
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from braintumor._model_check import ServedModel, check_model
+from braintumor.config import INPUT_NAME, MODEL_NAME, OUTPUT_NAME
+from braintumor.errors import (
+    RETRYABLE_STATUSES,
+    BrainTumorError,
+    DeadlineExceededError,
+    ModelNotReadyError,
+    from_triton,
+)
+from braintumor.prediction import Prediction
+from braintumor.preprocessing import ImageSource, preprocess
+
+T = TypeVar("T")
+Strategy = Literal["packed", "concurrent"]
+
+
+class TumorClassifier:
+    """Classify MRI slices with the model served by Triton, over gRPC.
+
+    Args:
+        url: the server's gRPC ``host:port``.
+        model_name: the served model.
+        model_version: a version to pin, or ``None`` for the server's latest.
+        timeout: deadline of each call, in seconds.
+        retries: further attempts after a retryable failure.
+        backoff: first wait between attempts, in seconds (doubles each time).
+        ssl: use TLS; ``root_certificates``, ``private_key`` and ``certificate_chain`` are PEM file paths
+            (server CA, client key and certificate for mutual TLS).
+        check: check the served model's metadata on construction (see :meth:`connect`).
+
+    Raises:
+        ServerUnavailableError, ModelNotReadyError, ModelMismatchError: when ``check`` finds a problem.
+
+    Example::
+
+        with TumorClassifier("127.0.0.1:8001") as classifier:
+            print(classifier.predict("scan.jpg").label)
+    """
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        model_name: str = MODEL_NAME,
+        model_version: str | None = None,
+        *,
+        timeout: float = 10.0,
+        retries: int = 2,
+        backoff: float = 0.2,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+        private_key: str | None = None,
+        certificate_chain: str | None = None,
+        check: bool = True,
+    ) -> None:
+        self.url, self.model_name, self.model_version = url, model_name, model_version
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self._client = grpcclient.InferenceServerClient(
+            url,
+            ssl=ssl,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+        )
+        self.model: ServedModel | None = None
+        if check:
+            self.connect()
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+    def _call(self, fn: Callable[[], T], during: str) -> T:
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except InferenceServerException as err:
+                error = from_triton(err, during=during)
+                if error.status not in RETRYABLE_STATUSES or attempt == self.retries:
+                    raise error from err
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @property
+    def _version(self) -> str:
+        return self.model_version or ""
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def connect(self) -> ServedModel:
+        """Read the served model's metadata and configuration and check them against this SDK.
+
+        Returns:
+            What the SDK learned (image size, max batch size, versions).
+
+        Raises:
+            ServerUnavailableError: the server cannot be reached.
+            ModelNotReadyError: the model or version is not loaded.
+            ModelMismatchError: its input or output is not what the SDK sends or reads.
+        """
+        during = f"reading the metadata of {self.model_name} at {self.url}"
+        metadata = self._call(
+            lambda: self._client.get_model_metadata(
+                self.model_name, self._version, as_json=True, client_timeout=self.timeout
+            ),
+            during,
+        )
+        config = self._call(
+            lambda: self._client.get_model_config(
+                self.model_name, self._version, as_json=True, client_timeout=self.timeout
+            ),
+            during,
+        )
+        self.model = check_model(metadata, config["config"])
+        return self.model
+
+    def wait_until_ready(self, timeout: float = 60.0) -> ServedModel:
+        """Wait until the model is ready, then :meth:`connect`.
+
+        Raises:
+            ModelNotReadyError: when it is not ready within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        last: BrainTumorError | None = None
+        while time.monotonic() < deadline:
+            try:
+                ready = self._client.is_model_ready(
+                    self.model_name, self._version, client_timeout=min(self.timeout, 2.0)
+                )
+                if ready:
+                    return self.connect()
+            except InferenceServerException as err:
+                last = from_triton(err, during=f"waiting for {self.model_name} at {self.url}")
+            time.sleep(0.2)
+        reason = f" (last error: {last})" if last else ""
+        raise ModelNotReadyError(f"{self.model_name} at {self.url} was not ready within {timeout:.0f} s{reason}")
+
+    def close(self) -> None:
+        """Close the gRPC channel."""
+        self._client.close()
+
+    def __enter__(self) -> TumorClassifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- inference --------------------------------------------------------------------------------------
+    def _served(self) -> ServedModel:
+        return self.model or self.connect()
+
+    def preprocess(self, image: ImageSource, frame: int | None = None) -> np.ndarray:
+        """The tensor this client sends for ``image`` (the shared preprocessing at the served image size)."""
+        return preprocess(image, self._served().image_size, frame)
+
+    def predict_pixels(self, pixels: np.ndarray) -> list[Prediction]:
+        """Classify already preprocessed pixels ``(n, size, size, 3)`` uint8 in one request.
+
+        Raises:
+            InferenceError: when the server refuses the request (wrong shape, batch too large, …).
+            DeadlineExceededError: when it does not answer within the deadline.
+        """
+        inp = grpcclient.InferInput(INPUT_NAME, list(pixels.shape), "UINT8")
+        inp.set_data_from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8))
+        output = grpcclient.InferRequestedOutput(OUTPUT_NAME)
+        start = time.perf_counter()
+        result = self._call(
+            lambda: self._client.infer(
+                self.model_name, [inp], model_version=self._version, outputs=[output], client_timeout=self.timeout
+            ),
+            f"classifying with {self.model_name} at {self.url}",
+        )
+        latency = (time.perf_counter() - start) * 1000.0
+        response = result.get_response()
+        probabilities = result.as_numpy(OUTPUT_NAME)
+        return [
+            Prediction.from_probabilities(row, response.model_name, response.model_version, latency)
+            for row in probabilities
+        ]
+
+    def predict(self, image: ImageSource, frame: int | None = None) -> Prediction:
+        """Classify one image (path, bytes, PIL image, array, or DICOM).
+
+        Raises:
+            InvalidImageError: when the image cannot be used; nothing is sent.
+        """
+        return self.predict_pixels(self.preprocess(image, frame)[None])[0]
+
+    def predict_batch(
+        self, images: Sequence[ImageSource], strategy: Strategy = "concurrent", workers: int = 8
+    ) -> list[Prediction]:
+        """Classify several images; results keep the input order.
+
+        Args:
+            images: the images.
+            strategy: ``concurrent`` sends batch-1 requests from ``workers`` threads and lets Triton's
+                dynamic batcher group them; ``packed`` sends requests of up to the model's max batch size.
+                ``concurrent`` is the default because it measured faster on the embedded CPU server (see
+                the README's client benchmark).
+            workers: requests in flight for ``concurrent``.
+
+        Raises:
+            InvalidImageError: when any image cannot be used (raised before anything is sent).
+        """
+        served = self._served()
+        pixels = np.stack([self.preprocess(image) for image in images]) if images else np.zeros((0,))
+        if not len(images):
+            return []
+        if strategy == "packed":
+            step = served.max_batch_size
+            chunks = [pixels[i : i + step] for i in range(0, len(pixels), step)]
+            return [p for chunk in chunks for p in self.predict_pixels(chunk)]
+        if strategy != "concurrent":
+            raise ValueError(f"strategy must be 'packed' or 'concurrent', got {strategy!r}")
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            return list(pool.map(lambda i: self.predict_pixels(pixels[i : i + 1])[0], range(len(pixels))))
+
+
+__all__ = ["DeadlineExceededError", "Strategy", "TumorClassifier"]

@@ -1,0 +1,92 @@
+"""The SDK's exceptions: one base class carrying a gRPC-style status and details, a few named subclasses.
+
+Every error the SDK raises is a :class:`BrainTumorError`; catch that to handle them all, or a subclass to
+handle one case. ``status`` is the gRPC status name (``INVALID_ARGUMENT``, ``UNAVAILABLE``, …) so that
+errors map one-to-one onto the protocol, whichever side raised them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BrainTumorError(Exception):
+    """Base of every SDK error.
+
+    Args:
+        message: what went wrong, for a person.
+        status: the gRPC status name; defaults to the class's own.
+        details: extra facts (never patient data).
+    """
+
+    status: str = "UNKNOWN"
+
+    def __init__(self, message: str, *, status: str | None = None, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        self.details = details or {}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidImageError(BrainTumorError, ValueError):
+    """The input is not a usable image (unreadable, truncated, too large, too small, no pixel data)."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class ServerUnavailableError(BrainTumorError, ConnectionError):
+    """The server cannot be reached (down, wrong address, TLS mismatch)."""
+
+    status = "UNAVAILABLE"
+
+
+class ModelNotReadyError(BrainTumorError):
+    """The server is up but the model (or the requested version) is not loaded and ready."""
+
+    status = "UNAVAILABLE"
+
+
+class ModelMismatchError(BrainTumorError):
+    """The served model's inputs or outputs are not what this SDK sends and reads."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class DeadlineExceededError(BrainTumorError, TimeoutError):
+    """A call did not finish within its deadline."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
+class InferenceError(BrainTumorError):
+    """The server refused or failed an inference request."""
+
+    status = "INTERNAL"
+
+
+#: gRPC status codes worth retrying: the request did not run, and may succeed later.
+RETRYABLE_STATUSES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED"})
+
+
+def from_triton(error: Exception, *, during: str) -> BrainTumorError:
+    """Translate a ``tritonclient`` exception into the matching SDK error.
+
+    Args:
+        error: the ``InferenceServerException`` (or any exception) raised by tritonclient.
+        during: what the SDK was doing, for the message.
+    """
+    raw = str(error.status() if hasattr(error, "status") and callable(error.status) else "") or ""
+    status = raw.removeprefix("StatusCode.") or "UNKNOWN"
+    text = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
+    message = f"{during}: {text}"
+    if status == "DEADLINE_EXCEEDED":
+        return DeadlineExceededError(message)
+    if status == "UNAVAILABLE":
+        return ServerUnavailableError(message)
+    if status == "NOT_FOUND" or "is not ready" in text or "unknown model" in text.lower():
+        return ModelNotReadyError(message, status=status)
+    return InferenceError(message, status=status)

@@ -1,0 +1,114 @@
+"""``braintumor predict PATH...``: classify files, folders and globs against a running server."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from braintumor.config import IMAGE_SUFFIXES, LABELS, MODEL_NAME
+from braintumor.errors import BrainTumorError
+
+#: Suffixes picked up when a folder is given (DICOM files too).
+FOLDER_SUFFIXES = IMAGE_SUFFIXES | {".dcm", ".dicom"}
+
+
+def expand_paths(arguments: Iterable[str]) -> list[tuple[str, Path | None]]:
+    """Expand files, folders (recursively) and globs, in order; a pattern matching nothing yields ``None``."""
+    found: list[tuple[str, Path | None]] = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
+            found += [(str(p), p) for p in files] or [(argument, None)]
+        elif path.exists():
+            found.append((argument, path))
+        elif glob.has_magic(argument):
+            matches = sorted(Path(m) for m in glob.glob(argument, recursive=True) if Path(m).is_file())
+            found += [(str(m), m) for m in matches] or [(argument, None)]
+        else:
+            found.append((argument, None))
+    return found
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``predict`` subcommand's options."""
+    parser.add_argument("paths", nargs="+", help="image or DICOM files, folders, or glob patterns")
+    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (default 127.0.0.1:8001)")
+    parser.add_argument("--model", default=MODEL_NAME)
+    parser.add_argument("--model-version", default=None, help="pin a version (default: the latest served)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, in seconds")
+    parser.add_argument("--frame", type=int, default=None, help="frame of multi-frame files")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    parser.add_argument("--workers", type=int, default=8, help="requests in flight")
+    parser.add_argument("--ssl", action="store_true", help="use TLS")
+    parser.add_argument("--root-certificates", default=None, help="PEM file of the server's CA")
+
+
+def _classify(classifier: Any, path: str, file: Path | None, frame: int | None) -> dict[str, Any]:
+    if file is None:
+        return {"path": path, "error": "no such file, or no image matched"}
+    try:
+        prediction = classifier.predict(file, frame=frame)
+    except BrainTumorError as err:
+        return {"path": path, "error": str(err), "status": err.status}
+    return {"path": path, **prediction.to_dict()}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Classify every path; prints a table or JSON lines. Exit status 1 when any file failed."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from braintumor.classifier import TumorClassifier
+
+    err_console = Console(stderr=True)
+    items = expand_paths(args.paths)
+    try:
+        classifier = TumorClassifier(
+            args.url,
+            args.model,
+            args.model_version,
+            timeout=args.timeout,
+            ssl=args.ssl,
+            root_certificates=args.root_certificates,
+        )
+    except BrainTumorError as err:
+        print(f"braintumor predict: {err}", file=sys.stderr)
+        return 2
+    with classifier, ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        futures = [pool.submit(_classify, classifier, path, file, args.frame) for path, file in items]
+        show = len(items) > 1 and err_console.is_terminal
+        results = []
+        with Progress(console=err_console, disable=not show, transient=True) as progress:
+            task = progress.add_task("classifying", total=len(futures))
+            for future in futures:
+                results.append(future.result())
+                progress.advance(task)
+
+    if args.json:
+        for result in results:
+            print(json.dumps(result), flush=True)
+    else:
+        table = Table(title=None)
+        table.add_column("path", overflow="fold")
+        table.add_column("label", overflow="fold")
+        for column in ("tumor prob.", *LABELS, "version"):
+            table.add_column(column, justify="right", no_wrap=True)
+        for r in results:
+            if "error" in r:
+                table.add_row(r["path"], f"[red]error: {r['error']}[/red]", *[""] * (len(LABELS) + 2))
+            else:
+                probs = [f"{r['probabilities'][label]:.3f}" for label in LABELS]
+                table.add_row(r["path"], r["label"], f"{r['tumor_probability']:.3f}", *probs, r["model_version"])
+        Console(width=max(140, Console().width)).print(table)
+    failed = sum("error" in r for r in results)
+    if failed:
+        print(f"braintumor predict: {failed} of {len(results)} files failed", file=sys.stderr)
+    return 1 if failed else 0

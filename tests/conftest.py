@@ -16,3 +16,20 @@ def shared_data() -> Path:
     if not (DEFAULT_DATA_DIR / "Training").is_dir() or not (DEFAULT_DATA_DIR / "Testing").is_dir():
         pytest.skip(f"the shared MRI dataset is not at {DEFAULT_DATA_DIR} (see README: Data)")
     return DEFAULT_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory):
+    """A real embedded Triton server on free loopback ports, serving a copy of the committed repository
+    with one extra version (a copy of the latest), so two versions are served side by side."""
+    pytest.importorskip("pytriton")
+    from helpers import copy_repository, free_ports
+
+    from braintumor_serving.triton import ServerConfig, TritonServer
+
+    repository = copy_repository(tmp_path_factory.mktemp("repo") / "model_repository", extra_versions=1)
+    http, grpc, metrics = free_ports(3)
+    config = ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics)
+    with TritonServer(config) as running:
+        running.wait_until_ready(180)
+        yield running

@@ -30,13 +30,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    repository = copy_repository(tmp_path_factory.mktemp("repo") / "model_repository", extra_versions=1)
-    http, grpc, metrics = free_ports(3)
-    config = ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics)
-    with TritonServer(config) as running:
-        running.wait_until_ready(180)
-        yield running
+def server(triton):
+    return triton
 
 
 @pytest.fixture(scope="module")

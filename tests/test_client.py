@@ -1,0 +1,246 @@
+"""The client SDK and ``braintumor predict`` against the real embedded server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from helpers import free_ports
+from PIL import Image
+
+from synthetic import random_slice
+
+pytest.importorskip("tritonclient.grpc")
+pydicom = pytest.importorskip("pydicom")
+from pydicom import examples
+
+from braintumor._model_check import check_model
+from braintumor.aio import AsyncTumorClassifier
+from braintumor.classifier import TumorClassifier
+from braintumor.config import IMAGE_SIZE, LABELS
+from braintumor.errors import (
+    BrainTumorError,
+    InferenceError,
+    InvalidImageError,
+    ModelMismatchError,
+    ServerUnavailableError,
+)
+from braintumor.preprocessing import preprocess
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def classifier(triton):
+    with TumorClassifier(triton.config.grpc_url, timeout=10) as c:
+        yield c
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _dicom_bytes(dataset) -> bytes:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_connect_reads_the_served_model(classifier):
+    assert classifier.model.image_size == IMAGE_SIZE
+    assert classifier.model.max_batch_size == 32
+    prediction = classifier.predict(random_slice(np.random.default_rng(0)))
+    assert prediction.label in LABELS and prediction.model_version == "2"
+    assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert prediction.tumor_probability == pytest.approx(1 - prediction.probabilities["notumor"])
+    assert prediction.latency_ms > 0
+
+
+def test_pinned_version_answers(triton):
+    with TumorClassifier(triton.config.grpc_url, model_version="1") as pinned:
+        assert pinned.predict(random_slice(np.random.default_rng(1))).model_version == "1"
+
+
+def test_served_prediction_equals_the_keras_model_on_real_mri(classifier, shared_data):
+    tf = pytest.importorskip("tensorflow")
+    from braintumor.config import DEFAULT_TFSERVING_BASE, MODEL_NAME
+    from braintumor_training.dataset import load_arrays, scan_dataset
+
+    records = [r for r in scan_dataset(shared_data) if r.split == "Testing"][::131]
+    training_pixels, _ = load_arrays(shared_data, records)
+    sdk_pixels = np.stack([classifier.preprocess(shared_data / r.path) for r in records])
+    assert np.array_equal(sdk_pixels, training_pixels)  # bit-exact: one preprocessing
+
+    version = max(int(p.name) for p in (DEFAULT_TFSERVING_BASE / MODEL_NAME).iterdir() if p.name.isdigit())
+    keras_model = tf.saved_model.load(str(DEFAULT_TFSERVING_BASE / MODEL_NAME / str(version)))
+    expected = keras_model.signatures["serving_default"](image=tf.constant(training_pixels))["probabilities"].numpy()
+    with TumorClassifier(classifier.url, model_version="1") as v1:
+        served = [v1.predict(shared_data / r.path) for r in records]
+    got = np.array([[p.probabilities[label] for label in LABELS] for p in served])
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: b"", "empty"),
+        (lambda: b"definitely not an image", "not a recognised image format"),
+        (lambda: _png(random_slice(np.random.default_rng(2)))[:300], "cannot read"),
+        (lambda: b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 50, "cannot read"),
+        (lambda: _png(Image.new("L", (9000, 9000))), "too large|more than"),
+        (lambda: _png(Image.new("L", (1, 1))), "at least 16×16"),
+    ],
+    ids=["empty", "not-an-image", "truncated-png", "corrupt-jpeg", "decompression-bomb", "one-pixel"],
+)
+def test_bad_inputs_get_clear_errors_and_nothing_is_sent(classifier, make, message):
+    with pytest.raises(InvalidImageError, match=message) as err:
+        classifier.predict(make())
+    assert err.value.status == "INVALID_ARGUMENT"
+    assert isinstance(err.value, BrainTumorError)
+
+
+def test_dicom_without_pixel_data_is_refused_without_leaking_the_header(classifier):
+    dataset = examples.mr.copy()
+    dataset.PatientName = "Doe^Jane"
+    del dataset.PixelData
+    with pytest.raises(InvalidImageError, match="without pixel data") as err:
+        classifier.predict(_dicom_bytes(dataset))
+    assert "Doe" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["png16", "cmyk", "rgba", "palette", "tiff16", "dicom", "dicom-monochrome1"])
+def test_other_formats_are_classified(classifier, kind, tmp_path):
+    grey = random_slice(np.random.default_rng(3))
+    if kind == "png16":
+        source = _png(Image.fromarray(np.asarray(grey).astype(np.uint16) * 257))
+    elif kind == "tiff16":
+        path = tmp_path / "x.tif"
+        Image.fromarray(np.asarray(grey).astype(np.uint16) * 257).save(path)
+        source = path
+    elif kind == "cmyk":
+        source = grey.convert("RGB").convert("CMYK")
+    elif kind == "rgba":
+        source = grey.convert("RGBA")
+    elif kind == "palette":
+        source = _png(grey.convert("P"))
+    else:
+        dataset = examples.mr.copy()
+        if kind == "dicom-monochrome1":
+            dataset.PhotometricInterpretation = "MONOCHROME1"
+        source = _dicom_bytes(dataset)
+    prediction = classifier.predict(source)
+    assert prediction.label in LABELS
+
+
+def test_sixteen_bit_and_monochrome1_are_converted_as_a_viewer_would():
+    grey = np.asarray(random_slice(np.random.default_rng(4)))
+    wide = Image.fromarray(grey.astype(np.uint16) * 257)
+    stretched = (grey.astype(float) - grey.min()) * 255 / (grey.max() - grey.min())
+    assert np.abs(preprocess(wide, 224)[:, :, 0].astype(int) - np.rint(stretched)).max() <= 1
+    mono2 = preprocess(_dicom_bytes(examples.mr), 64)
+    flipped = examples.mr.copy()
+    flipped.PhotometricInterpretation = "MONOCHROME1"
+    mono1 = preprocess(_dicom_bytes(flipped), 64)
+    assert np.abs(mono1.astype(int) + mono2.astype(int) - 255).max() <= 1
+
+
+def test_multi_frame_dicom_needs_a_frame():
+    frames = np.stack([examples.mr.pixel_array] * 3)
+    dataset = examples.mr.copy()
+    dataset.NumberOfFrames = 3
+    dataset.PixelData = frames.tobytes()
+    data = _dicom_bytes(dataset)
+    with pytest.raises(InvalidImageError, match="3 frames"):
+        preprocess(data)
+    assert preprocess(data, frame=2).shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def test_threaded_and_async_concurrency_agree_with_sequential(triton, classifier):
+    rng = np.random.default_rng(6)
+    images = [random_slice(rng, 224, k % 4) for k in range(24)]
+    sequential = [classifier.predict(i).probabilities for i in images]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(lambda i: classifier.predict(i).probabilities, images))
+    assert _close(threaded, sequential)
+
+    async def run() -> list[dict[str, float]]:
+        async with AsyncTumorClassifier(triton.config.grpc_url) as client:
+            return [p.probabilities for p in await client.predict_batch(images)]
+
+    assert _close(asyncio.run(run()), sequential)
+    for strategy in ("packed", "concurrent"):
+        assert _close([p.probabilities for p in classifier.predict_batch(images, strategy=strategy)], sequential)
+
+
+def _close(a: list[dict[str, float]], b: list[dict[str, float]]) -> bool:
+    return all(abs(x[k] - y[k]) <= 1e-5 for x, y in zip(a, b, strict=True) for k in LABELS)
+
+
+def test_server_down_gives_a_clear_error_within_the_deadline():
+    (port,) = free_ports(1)
+    start = time.monotonic()
+    with pytest.raises(ServerUnavailableError, match=f"127.0.0.1:{port}"):
+        TumorClassifier(f"127.0.0.1:{port}", timeout=1.0, retries=1, backoff=0.1)
+    assert time.monotonic() - start < 5.0
+
+
+def test_server_refusal_is_an_inference_error(classifier):
+    with pytest.raises(InferenceError, match="batch-size") as err:
+        classifier.predict_pixels(np.zeros((33, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
+    assert err.value.status == "INVALID_ARGUMENT"
+
+
+def test_metadata_mismatch_is_an_error_not_a_wrong_answer():
+    metadata = {
+        "name": "m",
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 224, 224, 3]}],
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}],
+    }
+    with pytest.raises(ModelMismatchError, match="UINT8") as err:
+        check_model(metadata, {"max_batch_size": 8})
+    assert "FP32 [batch, 4]" in str(err.value)
+
+
+def test_predict_command_json_lines_and_exit_status(triton, tmp_path):
+    good = tmp_path / "good.png"
+    random_slice(np.random.default_rng(7)).save(good)
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "braintumor.cli",
+            "predict",
+            "--url",
+            triton.config.grpc_url,
+            "--json",
+            str(good),
+            str(tmp_path / "bad.jpg"),
+            str(tmp_path / "*.none"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 1
+    assert len(lines) == 3
+    assert {"path", "label", "probabilities", "tumor_probability", "model_version"} <= set(lines[0])
+    assert "error" in lines[1] and lines[1]["path"].endswith("bad.jpg")
+    assert "error" in lines[2]
+    ok = subprocess.run(
+        [sys.executable, "-m", "braintumor.cli", "predict", "--url", triton.config.grpc_url, str(tmp_path / "*.png")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0 and "good.png" in ok.stdout

@@ -238,3 +238,26 @@ def test_port_check_detects_a_listener():
 
         with pytest.raises(ServeError, match="already in use"):
             check_port_free("127.0.0.1", sock.getsockname()[1], "HTTP")
+
+
+def test_benchmark_measures_both_sides_and_writes_its_report(server, pixels, tmp_path):
+    from braintumor_serving.bench import format_table, run_benchmark, write_results
+
+    model = server.config.repository / MODEL_NAME / "2" / "model.onnx"
+    results = run_benchmark(
+        model,
+        server.config.grpc_url,
+        server.config.metrics_url,
+        pixels,
+        seconds=0.5,
+        batch_sizes=(1, 8),
+        concurrencies=(1, 16),
+    )
+    assert [p["batch_size"] for p in results["onnxruntime"]][:2] == [1, 8]
+    assert all(p["images_per_s"] > 0 for p in results["onnxruntime"] + results["triton"])
+    assert all(p["formed_batch"] >= 1.0 for p in results["triton"])
+    assert "triton_c16_over_onnxruntime_at_formed_batch" in results["ratios"]
+    assert "p99_overhead_ms" in results["ratios"]["triton_c1_latency_overhead_ms"]
+    write_results(results, tmp_path)
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "triton" in format_table(results)

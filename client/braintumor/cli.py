@@ -141,7 +141,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from braintumor.config import MODEL_NAME as NAME
     from braintumor.model_repository import versions
-    from braintumor_serving.bench import format_table, run_benchmark, write_results
+    from braintumor_serving.bench import bench_client, bench_preprocessing, format_table, run_benchmark, write_results
     from braintumor_serving.triton import ServeError, ServerConfig, TritonServer
 
     repository = Path(args.repository)
@@ -163,6 +163,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             server.wait_until_ready(180)
             print(f"Embedded Triton ready on {config.grpc_url}; measuring {args.seconds:.0f} s per point ...")
             results = run_benchmark(model, config.grpc_url, config.metrics_url, pixels, seconds=args.seconds)
+            if args.client:
+                results["preprocessing"] = bench_preprocessing(args.seconds)
+                files = sorted(p for p in (Path(args.data) / "Testing").rglob("*.jpg"))
+                if files:
+                    results["client"] = bench_client(config.grpc_url, files)
+                    best = max(p["images_per_s"] for p in results["triton"])
+                    fastest = max(v for k, v in results["client"].items() if k.startswith("predict_batch"))
+                    results["client"]["server_only_best_images_per_s"] = best
+                    results["client"]["end_to_end_over_server_only"] = fastest / best
     except ServeError as err:
         print(f"braintumor bench: {err}", file=sys.stderr)
         return 2
@@ -242,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="images to send (Testing split)")
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
     p.add_argument("--out", default="docs/benchmarks", help="folder for bench.json, bench.txt, bench.png")
+    p.add_argument(
+        "--client",
+        action="store_true",
+        help="also measure preprocessing speed and SDK end-to-end throughput over the Testing images",
+    )
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -174,7 +174,8 @@ def format_table(results: dict[str, Any]) -> str:
             f"{p['name']:<12} {p['batch_size']:>5} {p['concurrency']:>5} {p['images_per_s']:>9.1f} "
             f"{lat['p50']:>8.2f} {lat['p95']:>8.2f} {lat['p99']:>8.2f} {formed:>12}"
         )
-    for name, r in results["ratios"].items():
+    sections = [*results["ratios"].items(), *((k, results[k]) for k in ("preprocessing", "client") if k in results)]
+    for name, r in sections:
         shown = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
         lines.append(f"{name}: {shown}")
     return "\n".join(lines)
@@ -218,3 +219,41 @@ def write_results(results: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "bench.json").write_text(json.dumps(results, indent=1))
     (out_dir / "bench.txt").write_text(format_table(results) + "\n")
     plot(results, out_dir / "bench.png")
+
+
+def bench_preprocessing(seconds: float = 3.0, side: int = 512) -> dict[str, float]:
+    """Images per second of the shared preprocessing on one core, for ``side``×``side`` JPEG bytes."""
+    import io
+
+    from PIL import Image
+
+    from braintumor.preprocessing import preprocess
+
+    rng = np.random.default_rng(0)
+    field = rng.normal(size=(16, 16)).astype(np.float32)
+    smooth = np.asarray(Image.fromarray(field, mode="F").resize((side, side), Image.Resampling.BICUBIC))
+    pixels = np.clip(128 + 40 * smooth + rng.normal(0, 8, (side, side)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").convert("RGB").save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        preprocess(data)
+        count += 1
+    return {"image_side": side, "jpeg_bytes": len(data), "images_per_s_per_core": count / (time.perf_counter() - start)}
+
+
+def bench_client(grpc_url: str, files: list[Path], workers: int = 8) -> dict[str, Any]:
+    """End-to-end SDK throughput over ``files`` (decode + preprocess + gRPC), and packed versus concurrent
+    ``predict_batch`` on the same files."""
+    from braintumor.classifier import TumorClassifier
+
+    results: dict[str, Any] = {"files": len(files)}
+    with TumorClassifier(grpc_url, timeout=60) as classifier:
+        classifier.predict(files[0])
+        for strategy in ("packed", "concurrent"):
+            start = time.perf_counter()
+            predictions = classifier.predict_batch(files, strategy=strategy, workers=workers)
+            results[f"predict_batch_{strategy}_images_per_s"] = len(predictions) / (time.perf_counter() - start)
+    results["faster_strategy"] = max(("packed", "concurrent"), key=lambda s: results[f"predict_batch_{s}_images_per_s"])
+    return results

@@ -6,8 +6,11 @@ decoding. Every call is reported to Locust (latency, failures) and to the load g
 Prometheus metrics (``--metrics-port``). When the run ends, the service-level thresholds are checked:
 a failure ratio above ``--max-fail-ratio`` or a p95 latency above ``--p95-ms`` makes Locust exit 1.
 
-    locust -f loadtest/locustfile.py --headless --host 127.0.0.1:8001 -u 16 -r 4 -t 20s \\
+    locust -f loadtest/locustfile.py --headless --host 127.0.0.1:8001 -u 16 -r 4 -t 20s --stop-timeout 10 \\
         --csv runs/loadtest/stats --html runs/loadtest/report.html --p95-ms 500
+
+``--stop-timeout`` lets each user finish its request in flight when the time is up, so that every request
+the server answered is counted.
 """
 
 from __future__ import annotations

@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine: a Python 3.11 virtual environment in .venv with the project and every extra
-# (training, serving, load testing, tests) installed in editable mode.
+# Sets up a fresh machine: Debian's prometheus package (Prometheus and promtool, used by the tests and the
+# monitoring configuration) and a Python 3.11 virtual environment in .venv with the project and every
+# extra (training, serving, load testing, tests) installed in editable mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "Installing Debian's prometheus package ..."
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3

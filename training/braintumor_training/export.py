@@ -212,7 +212,13 @@ def render_model_card(
             f"braintumor export {metrics['run_dir']}",
             "```",
             "",
-            f"{epochs} epochs, {seconds / 60:.0f} minutes of training on {versions.get('cpus', '?')} CPU cores "
+            f"{epochs} epochs, {seconds / 60:.0f} minutes of training on {versions.get('cpus', '?')} CPU cores"
+            + (
+                f" in {len(sessions)} sessions (" + "; ".join(str(x.get("finished")) for x in sessions[:-1]) + ")"
+                if len(sessions) > 1
+                else ""
+            )
+            + " "
             f"(TensorFlow {versions.get('tensorflow', '?')}, Keras {versions.get('keras', '?')}); batch "
             f"{config['batch_size']}, AdamW (peak learning rate {config['learning_rate']}, weight decay "
             f"{config['weight_decay']}), warm-up then cosine decay, label smoothing {config['label_smoothing']}, "

@@ -7,6 +7,7 @@ Running the same command again on the same run folder resumes an interrupted run
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -160,12 +161,23 @@ def _check_config(out_dir: Path, config: TrainConfig) -> None:
         return
     previous = json.loads(saved.read_text())
     current = dataclasses.asdict(config)
-    diff = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    # options added after the run started count as their default
+    diff = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k, defaults.get(k)) != v}
     if diff:
         raise TrainingError(
             f"{out_dir} holds a run with a different configuration ({diff}); "
             "use a new --out folder, or the same options to resume it"
         )
+
+
+def _best_so_far(history: Path) -> float | None:
+    """The lowest validation loss logged so far (a resumed run must not overwrite a better checkpoint)."""
+    if not history.exists():
+        return None
+    with history.open() as f:
+        losses = [float(row["val_loss"]) for row in csv.DictReader(f) if row.get("val_loss")]
+    return min(losses) if losses else None
 
 
 def train(config: TrainConfig, command: str | None = None) -> Path:
@@ -223,12 +235,19 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
         loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
     )
-    probe = x_val[: min(64, len(x_val))].astype(np.float32)
+    # The probe mixes classes: a single-class probe has a small spread even when the model is healthy.
+    probe_idx = np.concatenate([np.flatnonzero(y_val == k)[:16] for k in range(len(LABELS))])
+    probe = x_val[probe_idx].astype(np.float32)
     guard = CollapseGuard(probe, grace_epochs=config.collapse_grace_epochs)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(out_dir / "backup")),
         guard,
-        keras.callbacks.ModelCheckpoint(str(out_dir / BEST_CHECKPOINT), monitor="val_loss", save_best_only=True),
+        keras.callbacks.ModelCheckpoint(
+            str(out_dir / BEST_CHECKPOINT),
+            monitor="val_loss",
+            save_best_only=True,
+            initial_value_threshold=_best_so_far(out_dir / "history.csv"),  # a resumed run keeps its best
+        ),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience),
         keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(out_dir / "tensorboard"), write_graph=False),

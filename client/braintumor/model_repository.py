@@ -114,13 +114,19 @@ def render_cpu_config(
     image_size: int,
     max_batch_size: int = MAX_BATCH_SIZE,
     served_versions: int = SERVED_VERSIONS,
-    intra_op_threads: int = 0,
+    instances: int = 2,
+    intra_op_threads: int = 1,
 ) -> str:
-    """``configs/cpu.pbtxt`` for the embedded CPU server (python-based ``onnxruntime_python`` backend)."""
+    """``configs/cpu.pbtxt`` for the embedded CPU server (python-based ``onnxruntime_python`` backend).
+
+    Two single-threaded instances measured faster than one two-threaded instance on two cores (while one
+    instance copies tensors in and out, the other computes), and a queue delay only added latency; see
+    ``docs/serving.md``.
+    """
     return (
         "# Embedded CPU Triton (braintumor serve): the same model.onnx through ONNX Runtime in the python backend.\n"
         + _common(model_name, "onnxruntime_python", image_size, max_batch_size, served_versions)
-        + f"""instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+        + f"""instance_group [ {{ count: {instances}, kind: KIND_CPU }} ]
 # No queue delay: a request runs at once when the instance is idle (low latency at low load); while it is
 # busy, the requests that arrive queue up and run together as the next batch (throughput at high load).
 dynamic_batching {{

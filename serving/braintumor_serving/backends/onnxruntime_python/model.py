@@ -10,7 +10,7 @@ batch for a single ONNX Runtime call and the result is split back per request, s
 
 Model configuration parameters (all optional): ``intra_op_num_threads`` (default 0 = ONNX Runtime's
 choice), ``inter_op_num_threads``, ``graph_optimization_level`` (``disable``, ``basic``, ``extended``,
-``all``; default ``all``).
+``all``; default ``all``), ``allow_spinning`` (``1`` or ``0``: whether idle threads spin; default ``1``).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(params.get("intra_op_num_threads", "0"))
         options.inter_op_num_threads = int(params.get("inter_op_num_threads", "0"))
         options.graph_optimization_level = _OPTIMIZATION[params.get("graph_optimization_level", "all")]
+        # Idle ONNX Runtime threads spin by default, taking CPU from Triton and the stub between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
         session_inputs = {i.name for i in self.session.get_inputs()}

@@ -21,4 +21,9 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[dev]'
 .venv/bin/python -c 'import numpy; assert numpy.__version__.startswith("1."), numpy.__version__'
+
+# Manifest linters in their own environment (checkov pins many packages of its own).
+[ -x .tools/bin/python ] || "$PYTHON" -m venv .tools
+.tools/bin/python -m pip install --quiet --upgrade pip
+.tools/bin/python -m pip install --quiet "checkov==3.3.30" "kubernetes-validate==1.37.0"
 echo "Set up: activate with 'source .venv/bin/activate' (or call .venv/bin/braintumor)."

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -84,9 +84,13 @@ def test_batches_form_under_concurrency(server, pixels):
         metric(url, "nv_inference_exec_count", model=MODEL_NAME),
     )
     client = grpcclient.InferenceServerClient(server.config.grpc_url)
-    with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda i: _grpc_infer(client, pixels[i % 6 : i % 6 + 1]), range(96)))
-    assert all(r.as_numpy(OUTPUT_NAME).shape == (1, len(LABELS)) for r in results)
+    done: queue.Queue = queue.Queue()
+    for i in range(96):  # all 96 in flight at once: more than the two instances can take, so they queue
+        inp = grpcclient.InferInput(INPUT_NAME, [1, *pixels.shape[1:]], "UINT8")
+        inp.set_data_from_numpy(pixels[i % 6 : i % 6 + 1])
+        client.async_infer(MODEL_NAME, [inp], callback=lambda result, error: done.put((result, error)))
+    results = [done.get(timeout=60) for _ in range(96)]
+    assert all(e is None and r.as_numpy(OUTPUT_NAME).shape == (1, len(LABELS)) for r, e in results)
     inferences = metric(url, "nv_inference_count", model=MODEL_NAME) - before[0]
     executions = metric(url, "nv_inference_exec_count", model=MODEL_NAME) - before[1]
     assert inferences == 96

@@ -118,6 +118,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         model_config_name=args.model_config_name or None,
         log_file=Path(args.log_file) if args.log_file else None,
+        extra_args=[a for a in args.triton_args if a != "--"],
     )
     return serve(config, ready_timeout=args.ready_timeout)
 
@@ -238,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config-name", default="cpu", help="configs/<name>.pbtxt to serve ('' for config.pbtxt)")
     p.add_argument("--log-file", default=None, help="keep Triton's own log in this file")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    p.add_argument(
+        "triton_args", nargs=argparse.REMAINDER, help="after --: further tritonserver arguments (e.g. restricted APIs)"
+    )
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("predict", help="classify images, folders or globs with a running server")

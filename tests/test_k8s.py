@@ -66,33 +66,29 @@ def test_schema_validation_against_a_stated_kubernetes_version(rendered, name):
         assert f"{doc['kind'].lower()}/{doc['metadata']['name']}" in validated
 
 
-@pytest.mark.parametrize("name", list(TARGETS))
-def test_checkov_finds_no_failed_check(rendered, name, tmp_path):
+def _checkov(path: Path, framework: str) -> tuple[dict, str]:
+    """Run checkov offline on one file; returns its summary and its raw report."""
     checkov = _tool(TOOLS / "checkov", "checkov")
-    path, _ = rendered[name]
     result = subprocess.run(
-        [checkov, "-f", str(path), "--framework", "kubernetes", "--skip-download", "--quiet", "-o", "json"],
+        [checkov, "-f", str(path), "--framework", framework, "--skip-download", "--quiet", "-o", "json"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     report = json.loads(result.stdout)
-    summary = (report[0] if isinstance(report, list) else report)["summary"]
-    assert summary["failed"] == 0 and summary["passed"] > 50, result.stdout[-3000:]
+    return (report[0] if isinstance(report, list) else report)["summary"], result.stdout[-3000:]
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_checkov_finds_no_failed_check(rendered, name):
+    summary, report = _checkov(rendered[name][0], "kubernetes")
+    assert summary["failed"] == 0 and summary["passed"] > 50, report
 
 
 def test_dockerfile_passes_checkov_and_runs_the_embedded_server():
-    checkov = _tool(TOOLS / "checkov", "checkov")
     dockerfile = PROJECT_ROOT / "deploy" / "docker" / "Dockerfile"
-    result = subprocess.run(
-        [checkov, "-f", str(dockerfile), "--framework", "dockerfile", "--skip-download", "--quiet", "-o", "json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    report = json.loads(result.stdout)
-    summary = (report[0] if isinstance(report, list) else report)["summary"]
-    assert summary["failed"] == 0, result.stdout[-3000:]
+    summary, report = _checkov(dockerfile, "dockerfile")
+    assert summary["failed"] == 0 and summary["passed"] > 20, report
     text = dockerfile.read_text()
     assert text.count("\nFROM ") + text.startswith("FROM ") >= 2  # multi-stage
     assert re.search(r"^USER 10001", text, re.M)

@@ -30,6 +30,7 @@ from braintumor.errors import (
     InferenceError,
     InvalidImageError,
     ModelMismatchError,
+    ModelNotReadyError,
     ServerUnavailableError,
 )
 from braintumor.preprocessing import preprocess
@@ -244,3 +245,37 @@ def test_predict_command_json_lines_and_exit_status(triton, tmp_path):
         timeout=60,
     )
     assert ok.returncode == 0 and "good.png" in ok.stdout
+
+
+def test_wait_until_ready_returns_the_model_or_fails_within_its_timeout(triton):
+    with TumorClassifier(triton.config.grpc_url, check=False) as waiting:
+        assert waiting.wait_until_ready(timeout=10).image_size == IMAGE_SIZE
+    (port,) = free_ports(1)
+    start = time.monotonic()
+    with (
+        TumorClassifier(f"127.0.0.1:{port}", check=False, timeout=0.5) as down,
+        pytest.raises(ModelNotReadyError, match="not ready within 1 s"),
+    ):
+        down.wait_until_ready(timeout=1.0)
+    assert time.monotonic() - start < 4.0
+
+
+@pytest.mark.parametrize(("status", "attempts"), [("StatusCode.UNAVAILABLE", 3), ("StatusCode.INVALID_ARGUMENT", 1)])
+def test_only_retryable_statuses_are_retried_with_backoff(triton, status, attempts):
+    from tritonclient.utils import InferenceServerException
+
+    calls: list[float] = []
+
+    def failing() -> None:
+        calls.append(time.monotonic())
+        raise InferenceServerException("boom", status=status)
+
+    with (
+        TumorClassifier(triton.config.grpc_url, retries=2, backoff=0.05, check=False) as client,
+        pytest.raises(BrainTumorError) as err,
+    ):
+        client._call(failing, "testing retries")
+    assert len(calls) == attempts
+    assert err.value.status == status.removeprefix("StatusCode.")
+    if attempts == 3:
+        assert calls[2] - calls[1] >= 0.09 and calls[1] - calls[0] >= 0.045  # the wait doubles

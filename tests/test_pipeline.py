@@ -75,3 +75,15 @@ def test_collapse_guard_stops_a_constant_model_and_spares_a_varied_one():
     logs: dict = {}
     guard.on_epoch_end(0, logs)
     assert not guard.collapsed and logs["probe_std"] > 0.01
+
+
+def test_backbone_starts_from_a_local_weights_file(tmp_path):
+    donor = keras.applications.MobileNetV3Small(
+        input_shape=(32, 32, 3), include_top=False, weights=None, pooling="avg", include_preprocessing=True
+    )
+    path = tmp_path / "backbone.weights.h5"
+    donor.save_weights(path)
+    model = build_classifier(32, weights=path)
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    for mine, theirs in zip(backbone.get_weights(), donor.get_weights(), strict=True):
+        assert np.array_equal(mine, theirs)

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine: Debian's prometheus package (Prometheus and promtool, used by the tests and the
-# monitoring configuration) and a Python 3.11 virtual environment in .venv with the project and every
-# extra (training, serving, load testing, tests) installed in editable mode.
+# Sets up a fresh machine: Debian's prometheus (Prometheus and promtool, for the tests and the monitoring
+# configuration) and chromium (the web app's browser tests) packages; a Python 3.11 virtual environment
+# in .venv with the project and every extra installed in editable mode; the manifest linters in .tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+missing=()
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)   # the web app's browser tests
+if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "Installing Debian's prometheus package ..."
+  echo "Installing Debian packages: ${missing[*]} ..."
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 PYTHON=${PYTHON:-python3.11}

@@ -50,8 +50,9 @@ def test_classifier_has_fast_batchnorm_and_served_model_returns_probabilities():
     assert momenta and all(m == BN_MOMENTUM for m in momenta)
     served = build_served_model(model, temperature=2.0)
     x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    p = served.predict(x, verbose=0)
+    p, heatmap = served.predict(x, verbose=0)
     assert p.shape == (3, len(LABELS)) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    assert heatmap.shape[:2] == (3, len(LABELS)) and heatmap.min() >= 0.0 and heatmap.max() <= 1.0
     logits = model.predict(x.astype(np.float32), verbose=0)
     expected = tf.nn.softmax(logits / 2.0).numpy()
     assert np.allclose(p, expected, atol=1e-5)

@@ -5,7 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from braintumor.config import DEFAULT_MODEL_REPOSITORY, IMAGE_SIZE, INPUT_NAME, LABELS, MODEL_NAME, OUTPUT_NAME
+from braintumor.config import (
+    DEFAULT_MODEL_REPOSITORY,
+    HEATMAP_NAME,
+    IMAGE_SIZE,
+    INPUT_NAME,
+    LABELS,
+    MODEL_NAME,
+    OUTPUT_NAME,
+)
 from braintumor.model_repository import versions
 
 ort = pytest.importorskip("onnxruntime")
@@ -33,9 +41,9 @@ def test_each_version_has_model_card_metrics_and_a_working_onnx_model(version):
     card = (folder / "model-card.md").read_text().replace("*", "")
     assert "not a diagnostic device" in card and "leak-free" in card
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    (inp,), outputs = session.get_inputs(), session.get_outputs()
     assert (inp.name, inp.type, inp.shape[1:]) == (INPUT_NAME, "tensor(uint8)", [IMAGE_SIZE, IMAGE_SIZE, 3])
-    assert out.name == OUTPUT_NAME
+    assert [o.name for o in outputs] == [OUTPUT_NAME, HEATMAP_NAME]
     x = np.random.default_rng(0).integers(0, 256, (4, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     p = session.run(None, {INPUT_NAME: x})[0]
     assert p.shape == (4, len(LABELS)) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)

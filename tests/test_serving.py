@@ -22,7 +22,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException
 
-from braintumor.config import IMAGE_SIZE, INPUT_NAME, LABELS, MAX_BATCH_SIZE, MODEL_NAME, OUTPUT_NAME
+from braintumor.config import HEATMAP_NAME, IMAGE_SIZE, INPUT_NAME, LABELS, MAX_BATCH_SIZE, MODEL_NAME, OUTPUT_NAME
 from braintumor.preprocessing import preprocess_batch
 from braintumor_serving.triton import ServeError, ServerConfig, TritonServer, check_python_environment
 
@@ -57,7 +57,10 @@ def test_health_metadata_and_config(server):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL_NAME)
     meta = client.get_model_metadata(MODEL_NAME, as_json=True)
     assert meta["inputs"] == [{"name": INPUT_NAME, "datatype": "UINT8", "shape": ["-1", "160", "160", "3"]}]
-    assert meta["outputs"] == [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": ["-1", str(len(LABELS))]}]
+    assert meta["outputs"] == [
+        {"name": OUTPUT_NAME, "datatype": "FP32", "shape": ["-1", str(len(LABELS))]},
+        {"name": HEATMAP_NAME, "datatype": "FP32", "shape": ["-1", str(len(LABELS)), "5", "5"]},
+    ]
     config = client.get_model_config(MODEL_NAME, as_json=True)["config"]
     assert config["backend"] == "onnxruntime_python" and config["max_batch_size"] == MAX_BATCH_SIZE
     assert "dynamic_batching" in config and config["model_warmup"]

@@ -18,7 +18,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from braintumor.cli import main
-from braintumor.config import INPUT_NAME, LABELS, OUTPUT_NAME
+from braintumor.config import HEATMAP_NAME, INPUT_NAME, LABELS, OUTPUT_NAME
 from braintumor_training.train import TrainConfig, TrainingError, train
 
 pytestmark = pytest.mark.slow
@@ -113,9 +113,9 @@ def test_export_publishes_verified_versions(run_dir, tmp_path):
     assert "not a diagnostic device" in card.replace("*", "") and "braintumor train" in card and "leak-free" in card
 
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"))
-    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    (inp,), outputs = session.get_inputs(), session.get_outputs()
     assert (inp.name, inp.type, inp.shape[1:]) == (INPUT_NAME, "tensor(uint8)", [SIZE, SIZE, 3])
-    assert out.name == OUTPUT_NAME
+    assert [o.name for o in outputs] == [OUTPUT_NAME, HEATMAP_NAME]
     x = np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
     p = session.run(None, {INPUT_NAME: x})[0]
     assert p.shape == (5, len(LABELS)) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)

@@ -16,8 +16,8 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from braintumor._model_check import ServedModel, check_model
-from braintumor.config import INPUT_NAME, MODEL_NAME, OUTPUT_NAME
+from braintumor._model_check import ServedModel, check_model, requested_outputs, to_predictions
+from braintumor.config import INPUT_NAME, MODEL_NAME
 from braintumor.errors import RETRYABLE_STATUSES, BrainTumorError, ModelNotReadyError, from_triton
 from braintumor.prediction import Prediction
 from braintumor.preprocessing import ImageSource, preprocess
@@ -121,34 +121,35 @@ class AsyncTumorClassifier:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def predict_pixels(self, pixels: np.ndarray) -> list[Prediction]:
+    async def predict_pixels(
+        self, pixels: np.ndarray, explain: bool = False, explain_label: str | None = None
+    ) -> list[Prediction]:
         """Classify already preprocessed uint8 pixels ``(n, size, size, 3)`` in one request."""
+        served = self.model or await self.connect()
+        names = requested_outputs(served, explain, explain_label)
         inp = grpcaio.InferInput(INPUT_NAME, list(pixels.shape), "UINT8")
         inp.set_data_from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8))
-        output = grpcaio.InferRequestedOutput(OUTPUT_NAME)
+        outputs = [grpcaio.InferRequestedOutput(name) for name in names]
         start = time.perf_counter()
         result = await self._call(
             lambda: self._client.infer(
                 self.model_name,
                 [inp],
                 model_version=self.model_version or "",
-                outputs=[output],
+                outputs=outputs,
                 client_timeout=self.timeout,
             ),
             f"classifying with {self.model_name} at {self.url}",
         )
-        latency = (time.perf_counter() - start) * 1000.0
-        response = result.get_response()
-        return [
-            Prediction.from_probabilities(row, response.model_name, response.model_version, latency)
-            for row in result.as_numpy(OUTPUT_NAME)
-        ]
+        return to_predictions(result, (time.perf_counter() - start) * 1000.0, explain, explain_label)
 
-    async def predict(self, image: ImageSource, frame: int | None = None) -> Prediction:
-        """Classify one image; decoding runs in a worker thread."""
+    async def predict(
+        self, image: ImageSource, frame: int | None = None, explain: bool = False, explain_label: str | None = None
+    ) -> Prediction:
+        """Classify one image; decoding runs in a worker thread. ``explain`` adds its Grad-CAM map."""
         served = self.model or await self.connect()
         pixels = await asyncio.to_thread(preprocess, image, served.image_size, frame)
-        return (await self.predict_pixels(pixels[None]))[0]
+        return (await self.predict_pixels(pixels[None], explain, explain_label))[0]
 
     async def predict_batch(self, images: Sequence[ImageSource]) -> list[Prediction]:
         """Classify several images concurrently (batch-1 requests that Triton batches); input order kept."""

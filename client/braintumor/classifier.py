@@ -16,8 +16,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from braintumor._model_check import ServedModel, check_model
-from braintumor.config import INPUT_NAME, MODEL_NAME, OUTPUT_NAME
+from braintumor._model_check import ServedModel, check_model, requested_outputs, to_predictions
+from braintumor.config import INPUT_NAME, MODEL_NAME
 from braintumor.errors import (
     RETRYABLE_STATUSES,
     BrainTumorError,
@@ -168,38 +168,43 @@ class TumorClassifier:
         """The tensor this client sends for ``image`` (the shared preprocessing at the served image size)."""
         return preprocess(image, self._served().image_size, frame)
 
-    def predict_pixels(self, pixels: np.ndarray) -> list[Prediction]:
+    def predict_pixels(
+        self, pixels: np.ndarray, explain: bool = False, explain_label: str | None = None
+    ) -> list[Prediction]:
         """Classify already preprocessed pixels ``(n, size, size, 3)`` uint8 in one request.
+
+        Args:
+            pixels: the batch.
+            explain: also fetch the Grad-CAM map (of the predicted class, or of ``explain_label``).
+            explain_label: the class to explain instead of the predicted one.
 
         Raises:
             InferenceError: when the server refuses the request (wrong shape, batch too large, …).
             DeadlineExceededError: when it does not answer within the deadline.
+            ModelMismatchError: when an explanation is asked of a model that serves none.
         """
+        names = requested_outputs(self._served(), explain, explain_label)
         inp = grpcclient.InferInput(INPUT_NAME, list(pixels.shape), "UINT8")
         inp.set_data_from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8))
-        output = grpcclient.InferRequestedOutput(OUTPUT_NAME)
+        outputs = [grpcclient.InferRequestedOutput(name) for name in names]
         start = time.perf_counter()
         result = self._call(
             lambda: self._client.infer(
-                self.model_name, [inp], model_version=self._version, outputs=[output], client_timeout=self.timeout
+                self.model_name, [inp], model_version=self._version, outputs=outputs, client_timeout=self.timeout
             ),
             f"classifying with {self.model_name} at {self.url}",
         )
-        latency = (time.perf_counter() - start) * 1000.0
-        response = result.get_response()
-        probabilities = result.as_numpy(OUTPUT_NAME)
-        return [
-            Prediction.from_probabilities(row, response.model_name, response.model_version, latency)
-            for row in probabilities
-        ]
+        return to_predictions(result, (time.perf_counter() - start) * 1000.0, explain, explain_label)
 
-    def predict(self, image: ImageSource, frame: int | None = None) -> Prediction:
-        """Classify one image (path, bytes, PIL image, array, or DICOM).
+    def predict(
+        self, image: ImageSource, frame: int | None = None, explain: bool = False, explain_label: str | None = None
+    ) -> Prediction:
+        """Classify one image (path, bytes, PIL image, array, or DICOM); ``explain`` adds its Grad-CAM map.
 
         Raises:
             InvalidImageError: when the image cannot be used; nothing is sent.
         """
-        return self.predict_pixels(self.preprocess(image, frame)[None])[0]
+        return self.predict_pixels(self.preprocess(image, frame)[None], explain, explain_label)[0]
 
     def predict_batch(
         self, images: Sequence[ImageSource], strategy: Strategy = "concurrent", workers: int = 8

@@ -142,7 +142,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from braintumor.config import MODEL_NAME as NAME
     from braintumor.model_repository import versions
-    from braintumor_serving.bench import bench_client, bench_preprocessing, format_table, run_benchmark, write_results
+    from braintumor_serving.bench import (
+        bench_client,
+        bench_explain_cost,
+        bench_preprocessing,
+        format_table,
+        run_benchmark,
+        write_results,
+    )
     from braintumor_serving.triton import ServeError, ServerConfig, TritonServer
 
     repository = Path(args.repository)
@@ -164,6 +171,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             server.wait_until_ready(180)
             print(f"Embedded Triton ready on {config.grpc_url}; measuring {args.seconds:.0f} s per point ...")
             results = run_benchmark(model, config.grpc_url, config.metrics_url, pixels, seconds=args.seconds)
+            results["explain_cost"] = bench_explain_cost(model, config.grpc_url, pixels, min(args.seconds, 3.0))
             if args.client:
                 results["preprocessing"] = bench_preprocessing(args.seconds)
                 files = sorted(p for p in (Path(args.data) / "Testing").rglob("*.jpg"))
@@ -180,6 +188,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(format_table(results))
     write_results(results, Path(args.out))
     print(f"Wrote {args.out}/bench.json, bench.txt and bench.png")
+    return 0
+
+
+def _cmd_app(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from braintumor.webapp import create_app
+    except ImportError as err:
+        sys.exit(f"braintumor: the web app needs the app extra ({err}); install it with: pip install -e '.[app]'")
+    print(f"braintumor app on http://{args.host}:{args.port}/ (model server {args.url})", flush=True)
+    uvicorn.run(create_app(args.url, args.model_version), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -249,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=run)
+
+    p = sub.add_parser("app", help="the clinicians' web page (calls the Triton server through the SDK)")
+    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    p.add_argument("--model-version", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=_cmd_app)
 
     p = sub.add_parser("bench", help="in-process ONNX Runtime versus Triton gRPC throughput and latency")
     p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))

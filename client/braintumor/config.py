@@ -26,6 +26,9 @@ MODEL_NAME: Final[str] = "braintumor"
 INPUT_NAME: Final[str] = "image"
 #: Output tensor: float32 calibrated class probabilities, shape [batch, len(LABELS)].
 OUTPUT_NAME: Final[str] = "probabilities"
+#: Output tensor: float32 Grad-CAM maps of every class, shape [batch, len(LABELS), h, w], each scaled to [0, 1]
+#: (h × w is the last convolution's grid: 5 × 5 for a 160-pixel input).
+HEATMAP_NAME: Final[str] = "heatmap"
 #: Largest batch a served model accepts.
 MAX_BATCH_SIZE: Final[int] = 32
 

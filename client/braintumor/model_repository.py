@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from braintumor.config import CHANNELS, INPUT_NAME, LABELS, MAX_BATCH_SIZE, OUTPUT_NAME
+from braintumor.config import CHANNELS, HEATMAP_NAME, INPUT_NAME, LABELS, MAX_BATCH_SIZE, OUTPUT_NAME
 
 LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.pbtxt"
@@ -40,7 +40,9 @@ def next_version(model_dir: Path) -> int:
     return published[-1] + 1 if published else 1
 
 
-def _common(model_name: str, backend: str, image_size: int, max_batch_size: int, served_versions: int) -> str:
+def _common(
+    model_name: str, backend: str, image_size: int, max_batch_size: int, served_versions: int, heatmap_size: int
+) -> str:
     warmups = "\n".join(
         f"""  {{
     name: "warmup_batch_{n}"
@@ -69,6 +71,11 @@ output [
     data_type: TYPE_FP32
     dims: [ {len(LABELS)} ]
     label_filename: "{LABELS_FILE}"
+  }},
+  {{
+    name: "{HEATMAP_NAME}"
+    data_type: TYPE_FP32
+    dims: [ {len(LABELS)}, {heatmap_size}, {heatmap_size} ]
   }}
 ]
 version_policy: {{ latest: {{ num_versions: {served_versions} }} }}
@@ -80,12 +87,16 @@ model_warmup [
 
 
 def render_gpu_config(
-    model_name: str, image_size: int, max_batch_size: int = MAX_BATCH_SIZE, served_versions: int = SERVED_VERSIONS
+    model_name: str,
+    image_size: int,
+    heatmap_size: int,
+    max_batch_size: int = MAX_BATCH_SIZE,
+    served_versions: int = SERVED_VERSIONS,
 ) -> str:
     """``config.pbtxt`` for the official Triton container: onnxruntime backend, TensorRT accelerator."""
     return (
         "# GPU Triton (official container): ONNX Runtime with the TensorRT execution provider.\n"
-        + _common(model_name, "onnxruntime", image_size, max_batch_size, served_versions)
+        + _common(model_name, "onnxruntime", image_size, max_batch_size, served_versions, heatmap_size)
         + """instance_group [ { count: 2, kind: KIND_GPU } ]
 dynamic_batching {
   preferred_batch_size: [ 8, 16, 32 ]
@@ -112,6 +123,7 @@ optimization {
 def render_cpu_config(
     model_name: str,
     image_size: int,
+    heatmap_size: int,
     max_batch_size: int = MAX_BATCH_SIZE,
     served_versions: int = SERVED_VERSIONS,
     instances: int = 2,
@@ -125,7 +137,7 @@ def render_cpu_config(
     """
     return (
         "# Embedded CPU Triton (braintumor serve): the same model.onnx through ONNX Runtime in the python backend.\n"
-        + _common(model_name, "onnxruntime_python", image_size, max_batch_size, served_versions)
+        + _common(model_name, "onnxruntime_python", image_size, max_batch_size, served_versions, heatmap_size)
         + f"""instance_group [ {{ count: {instances}, kind: KIND_CPU }} ]
 # No queue delay: a request runs at once when the instance is idle (low latency at low load); while it is
 # busy, the requests that arrive queue up and run together as the next batch (throughput at high load).
@@ -139,7 +151,7 @@ parameters {{ key: "graph_optimization_level" value: {{ string_value: "all" }} }
 
 
 def write_model_files(
-    model_dir: Path, model_name: str, image_size: int, served_versions: int = SERVED_VERSIONS
+    model_dir: Path, model_name: str, image_size: int, heatmap_size: int, served_versions: int = SERVED_VERSIONS
 ) -> None:
     """Write ``labels.txt``, ``config.pbtxt`` (GPU) and ``configs/cpu.pbtxt`` beside the model's versions.
 
@@ -147,12 +159,13 @@ def write_model_files(
         model_dir: the model's folder in the repository.
         model_name: the model's name.
         image_size: side of the model's square input.
+        heatmap_size: side of the Grad-CAM grid the model outputs.
         served_versions: how many of the latest versions Triton serves side by side.
     """
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / LABELS_FILE).write_text("\n".join(LABELS) + "\n")
-    gpu = render_gpu_config(model_name, image_size, served_versions=served_versions)
-    cpu = render_cpu_config(model_name, image_size, served_versions=served_versions)
+    gpu = render_gpu_config(model_name, image_size, heatmap_size, served_versions=served_versions)
+    cpu = render_cpu_config(model_name, image_size, heatmap_size, served_versions=served_versions)
     (model_dir / CONFIG_FILE).write_text(gpu)
     (model_dir / "configs").mkdir(exist_ok=True)
     (model_dir / "configs" / f"{CPU_CONFIG_NAME}.pbtxt").write_text(cpu)

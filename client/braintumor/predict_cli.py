@@ -45,19 +45,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, in seconds")
     parser.add_argument("--frame", type=int, default=None, help="frame of multi-frame files")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    parser.add_argument(
+        "--explain",
+        metavar="DIR",
+        default=None,
+        help="write a Grad-CAM overlay of each image into DIR (<name>.gradcam.png)",
+    )
     parser.add_argument("--workers", type=int, default=8, help="requests in flight")
     parser.add_argument("--ssl", action="store_true", help="use TLS")
     parser.add_argument("--root-certificates", default=None, help="PEM file of the server's CA")
 
 
-def _classify(classifier: Any, path: str, file: Path | None, frame: int | None) -> dict[str, Any]:
+def _classify(
+    classifier: Any, path: str, file: Path | None, frame: int | None, explain_dir: Path | None
+) -> dict[str, Any]:
     if file is None:
         return {"path": path, "error": "no such file, or no image matched"}
     try:
-        prediction = classifier.predict(file, frame=frame)
+        prediction = classifier.predict(file, frame=frame, explain=explain_dir is not None)
     except BrainTumorError as err:
         return {"path": path, "error": str(err), "status": err.status}
-    return {"path": path, **prediction.to_dict()}
+    result = {"path": path, **prediction.to_dict()}
+    if explain_dir is not None:
+        from braintumor.explain import overlay
+
+        target = explain_dir / f"{file.stem}.gradcam.png"
+        overlay(file, prediction, frame=frame).save(target)
+        result["explanation"] = str(target)
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +98,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"braintumor predict: {err}", file=sys.stderr)
         return 2
     with classifier, ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
-        futures = [pool.submit(_classify, classifier, path, file, args.frame) for path, file in items]
+        explain_dir = Path(args.explain) if args.explain else None
+        if explain_dir is not None:
+            explain_dir.mkdir(parents=True, exist_ok=True)
+        futures = [pool.submit(_classify, classifier, path, file, args.frame, explain_dir) for path, file in items]
         show = len(items) > 1 and err_console.is_terminal
         results = []
         with Progress(console=err_console, disable=not show, transient=True) as progress:

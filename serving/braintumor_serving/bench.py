@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc.aio as grpcaio
 
-from braintumor.config import INPUT_NAME, MODEL_NAME, OUTPUT_NAME
+from braintumor.config import HEATMAP_NAME, INPUT_NAME, MODEL_NAME, OUTPUT_NAME
 
 
 @dataclass
@@ -174,7 +174,10 @@ def format_table(results: dict[str, Any]) -> str:
             f"{p['name']:<12} {p['batch_size']:>5} {p['concurrency']:>5} {p['images_per_s']:>9.1f} "
             f"{lat['p50']:>8.2f} {lat['p95']:>8.2f} {lat['p99']:>8.2f} {formed:>12}"
         )
-    sections = [*results["ratios"].items(), *((k, results[k]) for k in ("preprocessing", "client") if k in results)]
+    sections = [
+        *results["ratios"].items(),
+        *((k, results[k]) for k in ("explain_cost", "preprocessing", "client") if k in results),
+    ]
     for name, r in sections:
         shown = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
         lines.append(f"{name}: {shown}")
@@ -256,4 +259,34 @@ def bench_client(grpc_url: str, files: list[Path], workers: int = 8) -> dict[str
             predictions = classifier.predict_batch(files, strategy=strategy, workers=workers)
             results[f"predict_batch_{strategy}_images_per_s"] = len(predictions) / (time.perf_counter() - start)
     results["faster_strategy"] = max(("packed", "concurrent"), key=lambda s: results[f"predict_batch_{s}_images_per_s"])
+    return results
+
+
+def bench_explain_cost(model: Path, grpc_url: str, pixels: np.ndarray, seconds: float = 3.0) -> dict[str, float]:
+    """What the Grad-CAM output costs: in-process ONNX Runtime at batch 8 and Triton at concurrency 1, each
+    asked for the probabilities alone and for the probabilities with the heatmap."""
+    import tritonclient.grpc as grpcclient
+
+    session = ort.InferenceSession(str(model), session_options(), providers=["CPUExecutionProvider"])
+    batch = np.resize(pixels, (8, *pixels.shape[1:]))
+    client = grpcclient.InferenceServerClient(grpc_url)
+    results: dict[str, float] = {}
+    for label, names in (("probabilities", [OUTPUT_NAME]), ("with_heatmap", [OUTPUT_NAME, HEATMAP_NAME])):
+        times: list[float] = []
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            session.run(names, {INPUT_NAME: batch})
+            times.append(time.perf_counter() - t)
+        results[f"onnxruntime_b8_{label}_p50_ms"] = _percentiles(times)["p50"]
+        times = []
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            inp = grpcclient.InferInput(INPUT_NAME, [1, *pixels.shape[1:]], "UINT8")
+            inp.set_data_from_numpy(pixels[len(times) % len(pixels)][None])
+            t = time.perf_counter()
+            client.infer(MODEL_NAME, [inp], outputs=[grpcclient.InferRequestedOutput(n) for n in names])
+            times.append(time.perf_counter() - t)
+        results[f"triton_c1_{label}_p50_ms"] = _percentiles(times)["p50"]
+    client.close()
     return results

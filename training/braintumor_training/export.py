@@ -24,14 +24,18 @@ import onnx
 import onnxruntime as ort
 import tensorflow as tf
 
-from braintumor.config import INPUT_NAME, LABELS, MODEL_NAME, OUTPUT_NAME
+from braintumor.config import HEATMAP_NAME, INPUT_NAME, LABELS, MODEL_NAME, OUTPUT_NAME
 from braintumor.model_repository import MODEL_FILE, SERVED_VERSIONS, next_version, write_model_files
 from braintumor_training.dataset import load_arrays
 from braintumor_training.evaluate import EVALUATION_DIR, load_classifier, load_run, run_sets, summary_rows
-from braintumor_training.model import build_served_model
+from braintumor_training.model import build_served_model, feature_model
 
-#: Largest allowed difference between ONNX Runtime and Keras probabilities.
+#: The served model's outputs, in order.
+SERVED_OUTPUTS = [OUTPUT_NAME, HEATMAP_NAME]
+#: Largest allowed difference between ONNX Runtime and Keras outputs.
 PARITY_TOLERANCE = 1e-4
+#: Largest allowed difference between ONNX Runtime and Keras Grad-CAM maps (scaled to [0, 1]).
+HEATMAP_TOLERANCE = 1e-3
 
 
 class ExportError(RuntimeError):
@@ -62,11 +66,12 @@ class QualityGate:
         return [f"{name} {value:.4f} < required {bound:.4f}" for name, value, bound in checks if value < bound]
 
 
-def _rename_output(model: onnx.ModelProto, name: str) -> None:
-    old = model.graph.output[0].name
+def _rename_outputs(model: onnx.ModelProto, names: list[str]) -> None:
+    renames = {output.name: name for output, name in zip(model.graph.output, names, strict=True)}
     for node in model.graph.node:
-        node.output[:] = [name if o == old else o for o in node.output]
-    model.graph.output[0].name = name
+        node.output[:] = [renames.get(o, o) for o in node.output]
+    for output in model.graph.output:
+        output.name = renames[output.name]
 
 
 def export_onnx(served: keras.Model, path: Path, metadata: dict[str, str]) -> None:
@@ -79,7 +84,7 @@ def export_onnx(served: keras.Model, path: Path, metadata: dict[str, str]) -> No
         model = onnx.load(str(raw))
     if model.graph.input[0].name != INPUT_NAME:
         raise ExportError(f"ONNX input is named {model.graph.input[0].name!r}, expected {INPUT_NAME!r}")
-    _rename_output(model, OUTPUT_NAME)
+    _rename_outputs(model, SERVED_OUTPUTS)
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
@@ -92,35 +97,62 @@ def verify_parity(served: keras.Model, onnx_path: Path, pixels: np.ndarray) -> d
     Raises:
         ExportError: when any argmax differs or the largest difference exceeds :data:`PARITY_TOLERANCE`.
     """
-    expected = served.predict(pixels, batch_size=64, verbose=0)
+    expected_p, expected_h = served.predict(pixels, batch_size=64, verbose=0)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = np.concatenate(
-        [session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i : i + 64]})[0] for i in range(0, len(pixels), 64)]
-    )
-    max_diff = float(np.abs(got - expected).max())
-    mismatches = int((got.argmax(1) != expected.argmax(1)).sum())
-    if mismatches or max_diff > PARITY_TOLERANCE:
+    runs = [session.run(SERVED_OUTPUTS, {INPUT_NAME: pixels[i : i + 64]}) for i in range(0, len(pixels), 64)]
+    got_p = np.concatenate([r[0] for r in runs])
+    got_h = np.concatenate([r[1] for r in runs])
+    max_diff = float(np.abs(got_p - expected_p).max())
+    heatmap_diff = float(np.abs(got_h - expected_h).max())
+    mismatches = int((got_p.argmax(1) != expected_p.argmax(1)).sum())
+    if mismatches or max_diff > PARITY_TOLERANCE or heatmap_diff > HEATMAP_TOLERANCE:
         raise ExportError(
-            f"ONNX differs from Keras on {len(pixels)} Testing images: {mismatches} different "
-            f"predictions, max |Δp| = {max_diff:.2e} (allowed {PARITY_TOLERANCE:.0e})"
+            f"ONNX differs from Keras on {len(pixels)} Testing images: {mismatches} different predictions, "
+            f"max |Δp| = {max_diff:.2e} (allowed {PARITY_TOLERANCE:.0e}), max heatmap difference "
+            f"{heatmap_diff:.2e} (allowed {HEATMAP_TOLERANCE:.0e})"
         )
-    return {"images": len(pixels), "max_abs_diff": max_diff, "argmax_mismatches": mismatches}
+    return {
+        "images": len(pixels),
+        "max_abs_diff": max_diff,
+        "argmax_mismatches": mismatches,
+        "heatmap_max_abs_diff": heatmap_diff,
+    }
 
 
-def export_saved_model(served: keras.Model, path: Path) -> str:
+def export_saved_model(served: keras.Model, path: Path, classifier: keras.Model | None = None) -> str:
     """Write a TF SavedModel with a ``serving_default`` signature and check it with ``saved_model_cli``.
+
+    With ``classifier``, two more endpoints let anyone differentiate the exported Keras model with
+    ``tf.GradientTape`` (this is how the tests check the served Grad-CAM): ``features`` (uint8 pixels to
+    the last convolution's map) and ``head_logits`` (that map to the class logits).
 
     Returns:
         What ``saved_model_cli show`` printed for the signature.
     """
     size = served.input_shape[1]
+    pixels_spec = tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT_NAME)
     archive = keras.export.ExportArchive()
     archive.track(served)
     archive.add_endpoint(
         name="serving_default",
-        fn=lambda image: {OUTPUT_NAME: served(image, training=False)},
-        input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT_NAME)],
+        fn=lambda image: dict(zip(SERVED_OUTPUTS, served(image, training=False), strict=True)),
+        input_signature=[pixels_spec],
     )
+    if classifier is not None:
+        features = feature_model(classifier)
+        dense, logits = classifier.get_layer("head_dense"), classifier.get_layer("logits")
+        archive.track(features)
+        archive.track(classifier)
+        archive.add_endpoint(
+            name="features",
+            fn=lambda image: features(tf.cast(image, tf.float32), training=False),
+            input_signature=[pixels_spec],
+        )
+        archive.add_endpoint(
+            name="head_logits",
+            fn=lambda maps: logits(dense(tf.reduce_mean(maps, axis=(1, 2)))),
+            input_signature=[tf.TensorSpec([None, *features.output_shape[1:]], tf.float32, name="features")],
+        )
     archive.write_out(str(path), verbose=False)
     cli = shutil.which("saved_model_cli", path=str(Path(sys.executable).parent)) or shutil.which("saved_model_cli")
     command = [cli] if cli else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
@@ -138,6 +170,7 @@ def export_saved_model(served: keras.Model, path: Path) -> str:
         "DT_FLOAT",
         f"(-1, {size}, {size}, 3)",
         f"(-1, {len(LABELS)})",
+        f"outputs['{HEATMAP_NAME}']",
     ]
     missing = [e for e in expected if e not in text]
     if shown.returncode != 0 or missing:
@@ -183,8 +216,9 @@ def render_model_card(
             "scratch (no pretrained weights)"
             + (f" starting from `{config['weights']}`" if config.get("weights") else "")
             + f", input {config['image_size']}×{config['image_size']} grey pixels repeated over 3 channels (uint8, "
-            "scaled inside the model), output temperature-calibrated class probabilities. The tumor probability is "
-            "1 − p(notumor).",
+            "scaled inside the model), output temperature-calibrated class probabilities and, for every class, a "
+            "Grad-CAM map over the last convolution's grid (scaled to [0, 1]) showing where the evidence for that "
+            "class lies. The tumor probability is 1 − p(notumor).",
             "",
             "## Intended use",
             "",
@@ -237,7 +271,8 @@ def render_model_card(
             *[f"- {name}: {'met' if ok else '**not met**'}" for name, ok in targets],
             "",
             f"Export checks: ONNX Runtime equals Keras on {parity['images']} Testing images (max |Δp| "
-            f"{parity['max_abs_diff']:.1e}, {parity['argmax_mismatches']} different predictions); quality gate "
+            f"{parity['max_abs_diff']:.1e}, {parity['argmax_mismatches']} different predictions; Grad-CAM maps "
+            f"within {parity.get('heatmap_max_abs_diff', float('nan')):.1e}); quality gate "
             f"(accuracy ≥ {gate.min_accuracy}, leak-free accuracy ≥ {gate.min_leak_free_accuracy}, tumor "
             f"sensitivity ≥ {gate.min_tumor_sensitivity}) passed.",
             "",
@@ -284,7 +319,8 @@ def export_run(
     config, audit = load_run(run_dir)
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     data_dir = Path(data_dir or config["data_dir"])
-    served = build_served_model(load_classifier(run_dir), metrics["temperature"])
+    classifier = load_classifier(run_dir)
+    served = build_served_model(classifier, metrics["temperature"])
     pixels, _ = load_arrays(data_dir, run_sets(data_dir, audit)["test"], int(config["image_size"]))
 
     model_dir = Path(repository) / model_name
@@ -310,7 +346,7 @@ def export_run(
         if tf_dir.exists():
             raise ExportError(f"{tf_dir} already exists: the TF-Serving base is out of step with the repository")
         tf_staging = staging / "saved_model"
-        export_saved_model(served, tf_staging)
+        export_saved_model(served, tf_staging, classifier)
 
         published = {k: metrics[k] for k in ("validation", "test", "test_leak_free", "temperature", "image_size")}
         published["export_parity"] = parity
@@ -325,7 +361,8 @@ def export_run(
             render_model_card(model_name, version, metrics, run, audit, config, parity, gate)
         )
 
-        write_model_files(model_dir, model_name, int(config["image_size"]), served_versions)
+        heatmap_size = int(served.output_shape[1][2])
+        write_model_files(model_dir, model_name, int(config["image_size"]), heatmap_size, served_versions)
         tf_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(tf_staging), tf_dir)
         (staging).rename(model_dir / str(version))

@@ -7,7 +7,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from braintumor.config import CHANNELS, IMAGE_SIZE, INPUT_NAME, LABELS, OUTPUT_NAME
+from braintumor.config import CHANNELS, HEATMAP_NAME, IMAGE_SIZE, INPUT_NAME, LABELS, OUTPUT_NAME
 
 #: BatchNorm momentum for training from scratch. Keras' MobileNetV3 default (0.999) lets the moving
 #: statistics lag the weights so far that a from-scratch model outputs a constant in inference mode.
@@ -67,11 +67,52 @@ def build_classifier(
     return model
 
 
+class GradCamHead(keras.layers.Layer):
+    """The classifier's head, recomputed from the last convolution's feature map, plus Grad-CAM maps.
+
+    The head after the last convolution is global average pooling, a hard-swish dense layer and the
+    logits layer, so the gradient of each class logit with respect to the feature map has a closed form:
+    ``∂y_c/∂A[i, j, k] = (1/HW) · (K1 · (hswish'(z1) ⊙ K2[:, c]))[k]``. Computing it in the graph lets
+    ONNX Runtime serve Grad-CAM without TensorFlow.
+
+    Args:
+        dense: the trained ``head_dense`` layer (hard swish).
+        logits: the trained ``logits`` layer.
+    """
+
+    def __init__(self, dense: keras.layers.Dense, logits: keras.layers.Dense, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dense, self.logits = dense, logits
+
+    def call(self, features):  # features: [batch, h, w, channels]
+        ops = keras.ops
+        height, width, channels = features.shape[1], features.shape[2], features.shape[3]
+        pooled = ops.mean(features, axis=(1, 2))
+        z1 = ops.matmul(pooled, self.dense.kernel) + self.dense.bias
+        hidden = z1 * ops.relu6(z1 + 3.0) / 6.0  # hard swish
+        logits = ops.matmul(hidden, self.logits.kernel) + self.logits.bias
+        slope = ops.where(z1 <= -3.0, 0.0, ops.where(z1 >= 3.0, 1.0, (2.0 * z1 + 3.0) / 6.0))
+        upstream = slope[:, :, None] * self.logits.kernel[None, :, :]  # [batch, 1024, classes]
+        weights = ops.matmul(self.dense.kernel[None, :, :], upstream) / float(height * width)  # [b, ch, c]
+        flat = ops.reshape(features, (-1, height * width, channels))
+        cams = ops.relu(ops.matmul(flat, weights))  # [batch, h*w, classes]
+        cams = ops.transpose(ops.reshape(cams, (-1, height, width, logits.shape[-1])), (0, 3, 1, 2))
+        peak = ops.max(cams, axis=(2, 3), keepdims=True)
+        return logits, cams / ops.maximum(peak, 1e-12)
+
+
+def feature_model(classifier: keras.Model) -> keras.Model:
+    """The classifier's backbone up to its last convolution (before global pooling)."""
+    backbone = next(layer for layer in classifier.layers if isinstance(layer, keras.Model))
+    return keras.Model(backbone.inputs, backbone.layers[-2].output, name="features")
+
+
 def build_served_model(classifier: keras.Model, temperature: float = 1.0) -> keras.Model:
     """Wrap a trained classifier into the served model.
 
     The served model takes ``uint8`` pixels ``[batch, H, W, 3]`` (4× fewer bytes on the wire than
-    float32), casts them, runs the classifier and returns temperature-scaled softmax probabilities.
+    float32), casts them, and returns temperature-scaled softmax probabilities and the Grad-CAM map of
+    every class (see :class:`GradCamHead`).
 
     Args:
         classifier: the model from :func:`build_classifier`, trained.
@@ -81,7 +122,10 @@ def build_served_model(classifier: keras.Model, temperature: float = 1.0) -> ker
         raise ValueError(f"temperature must be > 0, got {temperature}")
     size = classifier.input_shape[1]
     pixels = keras.Input((size, size, CHANNELS), dtype="uint8", name=INPUT_NAME)
-    logits = classifier(keras.ops.cast(pixels, "float32"), training=False)
+    features = feature_model(classifier)(keras.ops.cast(pixels, "float32"), training=False)
+    head = GradCamHead(classifier.get_layer("head_dense"), classifier.get_layer("logits"), name="gradcam_head")
+    logits, cams = head(features)
     scaled = keras.ops.divide(logits, np.float32(temperature))
     probabilities = keras.layers.Softmax(name=OUTPUT_NAME)(scaled)
-    return keras.Model(pixels, probabilities, name="braintumor_served")
+    heatmap = keras.layers.Identity(name=HEATMAP_NAME)(cams)
+    return keras.Model(pixels, [probabilities, heatmap], name="braintumor_served")

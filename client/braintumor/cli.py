@@ -138,8 +138,6 @@ def _bench_pixels(data_dir: Path, n: int = 64):
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import socket
-
     from braintumor.config import MODEL_NAME as NAME
     from braintumor.model_repository import versions
     from braintumor_serving.bench import (
@@ -150,7 +148,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         run_benchmark,
         write_results,
     )
-    from braintumor_serving.triton import ServeError, ServerConfig, TritonServer
+    from braintumor_serving.triton import ServeError, ServerConfig, TritonServer, free_ports
 
     repository = Path(args.repository)
     published = versions(repository / NAME)
@@ -160,12 +158,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     model = repository / NAME / str(published[-1]) / "model.onnx"
     pixels = _bench_pixels(Path(args.data))
 
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
+    http, grpc, metrics = free_ports(3)
+    config = ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics)
 
-    config = ServerConfig(repository=repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     try:
         with TritonServer(config) as server:
             server.wait_until_ready(180)

@@ -20,6 +20,7 @@ import onnxruntime as ort
 import tritonclient.grpc.aio as grpcaio
 
 from braintumor.config import HEATMAP_NAME, INPUT_NAME, MODEL_NAME, OUTPUT_NAME
+from braintumor_serving.triton import read_metric
 
 
 @dataclass
@@ -73,15 +74,10 @@ def bench_onnxruntime(model: Path, pixels: np.ndarray, batch_size: int, seconds:
 
 
 def _read_counts(metrics_url: str, model: str) -> tuple[float, float]:
-    import urllib.request
-
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    counts = {"nv_inference_count": 0.0, "nv_inference_exec_count": 0.0}
-    for line in text.splitlines():
-        for name in counts:
-            if line.startswith(name + "{") and f'model="{model}"' in line:
-                counts[name] += float(line.rsplit(" ", 1)[1])
-    return counts["nv_inference_count"], counts["nv_inference_exec_count"]
+    return (
+        read_metric(metrics_url, "nv_inference_count", model=model),
+        read_metric(metrics_url, "nv_inference_exec_count", model=model),
+    )
 
 
 async def _triton_run(url: str, pixels: np.ndarray, concurrency: int, seconds: float, model: str) -> list[float]:

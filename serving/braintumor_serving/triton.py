@@ -141,6 +141,33 @@ def check_port_free(host: str, port: int, what: str) -> None:
             ) from err
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports that are free on ``host`` right now (for servers started on spare ports)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def read_metric(metrics_url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of one Prometheus metric (those matching ``labels``) read from ``metrics_url``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == name  # the parser names counter samples <name>_total
+        for sample in family.samples
+        if all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 def check_repository(repository: Path, config_name: str | None) -> dict[str, list[int]]:
     """Check the model repository's layout; returns the published versions of each model.
 

@@ -245,6 +245,28 @@ def test_predict_command_json_lines_and_exit_status(triton, tmp_path):
         timeout=60,
     )
     assert ok.returncode == 0 and "good.png" in ok.stdout
+    overlays = tmp_path / "overlays"
+    explained = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "braintumor.cli",
+            "predict",
+            "--url",
+            triton.config.grpc_url,
+            "--json",
+            "--explain",
+            str(overlays),
+            str(good),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    line = json.loads(explained.stdout)
+    assert explained.returncode == 0 and line["explanation"] == str(overlays / "good.gradcam.png")
+    assert len(line["heatmap"]) == 5 and line["explained_label"] == line["label"]
+    assert Image.open(overlays / "good.gradcam.png").mode == "RGB"
 
 
 def test_wait_until_ready_returns_the_model_or_fails_within_its_timeout(triton):

@@ -101,3 +101,17 @@ def test_a_corrupt_upload_shows_a_readable_error(app_url, browser, tmp_path):
     message = page.inner_text("#error")
     assert "Could not analyse this file" in message and "scan.jpg" in message
     assert page.is_hidden("#result")
+
+
+def test_a_dicom_upload_is_classified(app_url, browser, tmp_path):
+    from pydicom import examples
+
+    path = tmp_path / "slice.dcm"
+    examples.mr.save_as(path, enforce_file_format=True)
+    page = browser.new_page()
+    page.goto(app_url)
+    page.set_input_files("#file", str(path))
+    page.click("#analyse")
+    page.wait_for_selector("#result:not([hidden])", timeout=30_000)
+    assert page.inner_text("#label") in DISPLAY_NAMES.values()
+    assert page.eval_on_selector("#heatmap", "img => img.complete && img.naturalWidth") > 0

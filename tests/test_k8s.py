@@ -15,7 +15,7 @@ yaml = pytest.importorskip("yaml")
 
 from braintumor.config import MODEL_NAME, PROJECT_ROOT
 from braintumor.model_repository import CPU_CONFIG_NAME
-from braintumor_serving.triton import ServerConfig
+from braintumor_serving.triton import ServerConfig, TritonServer
 
 K8S = PROJECT_ROOT / "deploy" / "k8s"
 TOOLS = PROJECT_ROOT / ".tools" / "bin"
@@ -120,6 +120,9 @@ def test_ports_probes_and_flags_match_the_serving_code(rendered, name):
         ("--metrics-port", ports["metrics"]),
     ):
         assert f"{flag}={port}" in args
+    if name == "cpu":  # braintumor serve adds the flags itself, with the key from $ADMIN_KEY
+        assert "--admin-key-env=ADMIN_KEY" in args
+        args = TritonServer(ServerConfig(admin_key="$(ADMIN_KEY)")).command(Path("/backends"))
     assert "--model-control-mode=none" in args
     assert f"--http-restricted-api={RESTRICTED}" in args and f"--grpc-restricted-protocol={RESTRICTED}" in args
     security = container["securityContext"]
@@ -147,11 +150,11 @@ def test_gpu_overlay_serves_the_repositorys_gpu_configuration(rendered):
 
 
 def test_cpu_overlay_serves_the_repositorys_cpu_configuration(rendered):
-    _, docs = rendered["cpu"]
     assert ServerConfig().model_config_name == CPU_CONFIG_NAME  # braintumor serve picks configs/cpu.pbtxt
     config = (PROJECT_ROOT / "model_repository" / MODEL_NAME / "configs" / f"{CPU_CONFIG_NAME}.pbtxt").read_text()
     assert 'backend: "onnxruntime_python"' in config
-    assert "--" in _container(docs)["args"]  # the flags after it reach tritonserver
+    command = TritonServer(ServerConfig()).command(Path("/backends"))
+    assert f"--model-config-name={CPU_CONFIG_NAME}" in command
 
 
 @pytest.mark.parametrize("name", ["gpu", "cpu"])

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import queue
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -24,7 +24,13 @@ from tritonclient.utils import InferenceServerException
 
 from braintumor.config import HEATMAP_NAME, IMAGE_SIZE, INPUT_NAME, LABELS, MAX_BATCH_SIZE, MODEL_NAME, OUTPUT_NAME
 from braintumor.preprocessing import preprocess_batch
-from braintumor_serving.triton import ServeError, ServerConfig, TritonServer, check_python_environment
+from braintumor_serving.triton import (
+    ServeError,
+    ServerConfig,
+    TritonServer,
+    check_python_environment,
+    ready_models,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -101,12 +107,8 @@ def test_batches_form_under_concurrency(server, pixels):
 
 
 def test_two_versions_are_served_and_selectable(server, pixels):
-    index = json.loads(
-        urllib.request.urlopen(
-            urllib.request.Request(f"http://{server.config.http_url}/v2/repository/index", data=b"{}"), timeout=5
-        ).read()
-    )
-    assert {(m["version"], m["state"]) for m in index if m["name"] == MODEL_NAME} >= {("1", "READY"), ("2", "READY")}
+    index = ready_models(server.config.http_url, server.config.admin_key)
+    assert index[MODEL_NAME] == [1, 2]
     client = grpcclient.InferenceServerClient(server.config.grpc_url)
     for version in ("1", "2"):
         response = _grpc_infer(client, pixels[:2], version=version)
@@ -268,3 +270,24 @@ def test_benchmark_measures_both_sides_and_writes_its_report(server, pixels, tmp
     write_results(results, tmp_path)
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "triton" in format_table(results)
+
+
+def test_administrative_apis_need_the_admin_key_and_inference_does_not(server, pixels):
+    http = f"http://{server.config.http_url}"
+    for path in ("/v2/repository/index", "/v2/models/stats", "/v2/logging"):
+        request = urllib.request.Request(http + path, data=b"{}" if "index" in path else None)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+        assert refused.value.code == 403, path
+    client = grpcclient.InferenceServerClient(server.config.grpc_url)
+    with pytest.raises(InferenceServerException, match=r"restricted|admin-key"):
+        client.get_model_repository_index()
+    with pytest.raises(InferenceServerException, match=r"restricted|admin-key"):
+        client.unload_model(MODEL_NAME)
+    key = {"triton-grpc-protocol-admin-key": server.config.admin_key}  # Triton prefixes gRPC restriction keys
+    index = client.get_model_repository_index(headers=key, as_json=True)
+    assert any(m["name"] == MODEL_NAME for m in index["models"])
+    with pytest.raises(InferenceServerException):  # model control is off, even with the key
+        client.unload_model(MODEL_NAME, headers=key)
+    assert client.is_model_ready(MODEL_NAME)
+    assert _grpc_infer(client, pixels[:1]).as_numpy(OUTPUT_NAME).shape == (1, len(LABELS))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -120,6 +121,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_file=Path(args.log_file) if args.log_file else None,
         extra_args=[a for a in args.triton_args if a != "--"],
     )
+    if args.admin_key_env:
+        key = os.environ.get(args.admin_key_env, "")
+        if not key:
+            print(f"braintumor serve: ${args.admin_key_env} is empty or unset", file=sys.stderr)
+            return 2
+        config.admin_key = key
     return serve(config, ready_timeout=args.ready_timeout)
 
 
@@ -253,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--model-config-name", default="cpu", help="configs/<name>.pbtxt to serve ('' for config.pbtxt)")
     p.add_argument("--log-file", default=None, help="keep Triton's own log in this file")
+    p.add_argument(
+        "--admin-key-env",
+        default=None,
+        metavar="NAME",
+        help="environment variable holding the admin key for the restricted APIs (default: a random key)",
+    )
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
     p.add_argument(
         "triton_args", nargs=argparse.REMAINDER, help="after --: further tritonserver arguments (e.g. restricted APIs)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -29,6 +30,11 @@ from braintumor.config import DEFAULT_MODEL_REPOSITORY
 from braintumor.model_repository import CONFIG_FILE, CPU_CONFIG_NAME, versions
 
 BACKEND_NAME = "onnxruntime_python"
+#: Triton APIs that only callers sending the admin key may use (everything but health, metadata,
+#: model configuration and inference).
+RESTRICTED_APIS = "model-repository,shared-memory,statistics,trace,logging"
+#: The header (HTTP) or metadata key (gRPC) carrying the admin key.
+ADMIN_KEY_HEADER = "admin-key"
 BACKEND_SOURCE = Path(__file__).parent / "backends" / BACKEND_NAME / "model.py"
 
 
@@ -202,6 +208,8 @@ class ServerConfig:
         http_port, grpc_port, metrics_port: the three endpoints' ports.
         model_config_name: the ``configs/<name>.pbtxt`` to use (``cpu`` for this server's backend).
         log_file: where the server's own log goes (default: a file in its temporary folder).
+        admin_key: the key that unlocks the administrative APIs (:data:`RESTRICTED_APIS`); by default a
+            random key that only this process knows, so they are closed to everyone else.
         extra_args: further ``tritonserver`` arguments.
     """
 
@@ -212,6 +220,7 @@ class ServerConfig:
     metrics_port: int = 8002
     model_config_name: str | None = CPU_CONFIG_NAME
     log_file: Path | None = None
+    admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
     extra_args: list[str] = field(default_factory=list)
 
     @property
@@ -261,6 +270,9 @@ class TritonServer:
             "--strict-readiness=true",
             "--exit-on-error=true",
             "--disable-auto-complete-config",
+            "--model-control-mode=none",
+            f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_KEY_HEADER}={c.admin_key}",
+            f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_KEY_HEADER}={c.admin_key}",
         ]
         if c.model_config_name:
             args.append(f"--model-config-name={c.model_config_name}")
@@ -393,13 +405,16 @@ def serve(config: ServerConfig, ready_timeout: float = 180.0) -> int:
         print(f"Stopped (tritonserver exit status {code}).", flush=True)
         return 0
     finally:
+        server.stop()  # whatever happened here (a closed stdout, an error), never leave Triton running
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def ready_models(http_url: str) -> dict[str, list[int]]:
-    """The model versions the server reports READY (Triton's repository index)."""
-    request = urllib.request.Request(f"http://{http_url}/v2/repository/index", data=b"{}", method="POST")
+def ready_models(http_url: str, admin_key: str) -> dict[str, list[int]]:
+    """The model versions the server reports READY (Triton's repository index, a restricted API)."""
+    request = urllib.request.Request(
+        f"http://{http_url}/v2/repository/index", data=b"{}", method="POST", headers={ADMIN_KEY_HEADER: admin_key}
+    )
     with urllib.request.urlopen(request, timeout=5) as response:
         index = json.loads(response.read())
     ready: dict[str, list[int]] = {}
@@ -410,7 +425,7 @@ def ready_models(http_url: str) -> dict[str, list[int]]:
 
 
 def _print_ready(config: ServerConfig) -> None:
-    models = ready_models(config.http_url)
+    models = ready_models(config.http_url, config.admin_key)
     served = ", ".join(f"{name} (versions {', '.join(map(str, v))})" for name, v in models.items())
     name = next(iter(models), "braintumor")
     print(

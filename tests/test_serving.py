@@ -291,3 +291,49 @@ def test_administrative_apis_need_the_admin_key_and_inference_does_not(server, p
         client.unload_model(MODEL_NAME, headers=key)
     assert client.is_model_ready(MODEL_NAME)
     assert _grpc_infer(client, pixels[:1]).as_numpy(OUTPUT_NAME).shape == (1, len(LABELS))
+
+
+def test_overload_is_refused_quickly_and_the_server_recovers(server, pixels):
+    client = grpcclient.InferenceServerClient(server.config.grpc_url)
+    done: queue.Queue = queue.Queue()
+    total = 600  # far more than the queue holds (128) and the instances can take
+    start = time.monotonic()
+    for i in range(total):
+        inp = grpcclient.InferInput(INPUT_NAME, [1, *pixels.shape[1:]], "UINT8")
+        inp.set_data_from_numpy(pixels[i % 6 : i % 6 + 1])
+        client.async_infer(
+            MODEL_NAME,
+            [inp],
+            callback=lambda result, error: done.put((result, error, time.monotonic())),
+            client_timeout=30,
+        )
+    outcomes = [done.get(timeout=60) for _ in range(total)]
+    answered = [r for r, e, _ in outcomes if e is None]
+    refused = [(e, t) for r, e, t in outcomes if e is not None]
+    assert len(answered) + len(refused) == total  # nothing lost
+    assert refused, "the queue limit was never reached"
+    assert all("queue" in e.message().lower() for e, _ in refused), refused[0][0].message()
+    assert all(e.status() == "StatusCode.UNAVAILABLE" for e, _ in refused)
+    assert min(t for _, t in refused) - start < 5.0  # refusals come quickly, not after a long wait
+    expected = _reference(server.config.repository, 2, pixels[:1])
+    assert np.abs(_grpc_infer(client, pixels[:1]).as_numpy(OUTPUT_NAME) - expected).max() <= 1e-5
+    assert client.is_server_ready()
+
+
+def test_unknown_models_versions_and_mismatched_payloads_are_refused_and_answers_stay_the_same(server, pixels):
+    client = grpcclient.InferenceServerClient(server.config.grpc_url)
+    expected = _reference(server.config.repository, 2, pixels[:2])
+    inp = grpcclient.InferInput(INPUT_NAME, [1, *pixels.shape[1:]], "UINT8")
+    inp.set_data_from_numpy(pixels[:1])
+    with pytest.raises(InferenceServerException, match=r"unknown model|not found"):
+        client.infer("no_such_model", [inp])
+    with pytest.raises(InferenceServerException, match=r"unknown model|version|not found"):
+        client.infer(MODEL_NAME, [inp], model_version="99")
+    oversized = grpcclient.InferInput(INPUT_NAME, [1, *pixels.shape[1:]], "UINT8")
+    oversized.set_data_from_numpy(pixels[:1])
+    oversized._raw_content = pixels[:2].tobytes()  # twice the bytes its shape declares
+    with pytest.raises(InferenceServerException, match=r"byte size|bytes"):
+        client.infer(MODEL_NAME, [oversized])
+    assert client.is_server_ready() and client.is_model_ready(MODEL_NAME)
+    got = _grpc_infer(client, pixels[:2]).as_numpy(OUTPUT_NAME)
+    assert np.abs(got - expected).max() <= 1e-5

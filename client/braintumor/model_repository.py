@@ -101,6 +101,12 @@ def render_gpu_config(
 dynamic_batching {
   preferred_batch_size: [ 8, 16, 32 ]
   max_queue_delay_microseconds: 1000
+  default_queue_policy {
+    max_queue_size: 512
+    timeout_action: REJECT
+    default_timeout_microseconds: 2000000
+    allow_timeout_override: true
+  }
 }
 optimization {
   execution_accelerators {
@@ -141,8 +147,16 @@ def render_cpu_config(
         + f"""instance_group [ {{ count: {instances}, kind: KIND_CPU }} ]
 # No queue delay: a request runs at once when the instance is idle (low latency at low load); while it is
 # busy, the requests that arrive queue up and run together as the next batch (throughput at high load).
+# Overload: at most 128 requests wait (more are refused at once with UNAVAILABLE, which clients retry
+# with backoff) and none waits more than 2 s; latency stays bounded instead of growing without limit.
 dynamic_batching {{
   max_queue_delay_microseconds: 0
+  default_queue_policy {{
+    max_queue_size: 128
+    timeout_action: REJECT
+    default_timeout_microseconds: 2000000
+    allow_timeout_override: true
+  }}
 }}
 parameters {{ key: "intra_op_num_threads" value: {{ string_value: "{intra_op_threads}" }} }}
 parameters {{ key: "graph_optimization_level" value: {{ string_value: "all" }} }}

@@ -120,6 +120,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model_config_name=args.model_config_name or None,
         log_file=Path(args.log_file) if args.log_file else None,
         extra_args=[a for a in args.triton_args if a != "--"],
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
     )
     if args.admin_key_env:
         key = os.environ.get(args.admin_key_env, "")
@@ -260,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--model-config-name", default="cpu", help="configs/<name>.pbtxt to serve ('' for config.pbtxt)")
     p.add_argument("--log-file", default=None, help="keep Triton's own log in this file")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate: serve gRPC over TLS")
+    p.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, help="PEM CA of client certificates: mutual TLS")
     p.add_argument(
         "--admin-key-env",
         default=None,

@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=8, help="requests in flight")
     parser.add_argument("--ssl", action="store_true", help="use TLS")
     parser.add_argument("--root-certificates", default=None, help="PEM file of the server's CA")
+    parser.add_argument("--client-key", default=None, help="PEM client key (mutual TLS)")
+    parser.add_argument("--client-cert", default=None, help="PEM client certificate (mutual TLS)")
 
 
 def _classify(
@@ -93,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             ssl=args.ssl,
             root_certificates=args.root_certificates,
+            private_key=args.client_key,
+            certificate_chain=args.client_cert,
         )
     except BrainTumorError as err:
         print(f"braintumor predict: {err}", file=sys.stderr)

@@ -174,6 +174,17 @@ def read_metric(metrics_url: str, name: str, **labels: str) -> float:
     )
 
 
+def check_tls(config: ServerConfig) -> None:
+    """Raise :class:`ServeError` unless the TLS options are complete and their files readable."""
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ServeError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+    if config.tls_client_ca and config.tls_cert is None:
+        raise ServeError("mutual TLS (--tls-client-ca) needs --tls-cert and --tls-key too")
+    for path in (config.tls_cert, config.tls_key, config.tls_client_ca):
+        if path is not None and not Path(path).is_file():
+            raise ServeError(f"TLS file {path} not found")
+
+
 def check_repository(repository: Path, config_name: str | None) -> dict[str, list[int]]:
     """Check the model repository's layout; returns the published versions of each model.
 
@@ -208,6 +219,9 @@ class ServerConfig:
         http_port, grpc_port, metrics_port: the three endpoints' ports.
         model_config_name: the ``configs/<name>.pbtxt`` to use (``cpu`` for this server's backend).
         log_file: where the server's own log goes (default: a file in its temporary folder).
+        tls_cert, tls_key: PEM files: serve gRPC over TLS. Triton's HTTP server has no TLS, so with TLS
+            on, HTTP listens on 127.0.0.1 only (health checks); put a TLS proxy in front for remote HTTP.
+        tls_client_ca: PEM file of the CA that signs client certificates: mutual TLS (needs the above).
         admin_key: the key that unlocks the administrative APIs (:data:`RESTRICTED_APIS`); by default a
             random key that only this process knows, so they are closed to everyone else.
         extra_args: further ``tritonserver`` arguments.
@@ -220,6 +234,9 @@ class ServerConfig:
     metrics_port: int = 8002
     model_config_name: str | None = CPU_CONFIG_NAME
     log_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
     extra_args: list[str] = field(default_factory=list)
 
@@ -232,6 +249,11 @@ class ServerConfig:
     def http_url(self) -> str:
         """``host:port`` of the HTTP endpoint."""
         return f"{self.host}:{self.http_port}"
+
+    @property
+    def local_http_url(self) -> str:
+        """``host:port`` where this machine reaches the HTTP endpoint (loopback when TLS is on)."""
+        return f"127.0.0.1:{self.http_port}" if self.tls_cert is not None else self.http_url
 
     @property
     def metrics_url(self) -> str:
@@ -256,10 +278,11 @@ class TritonServer:
     def command(self, backend_directory: Path) -> list[str]:
         """The ``tritonserver`` command line."""
         c = self.config
+        tls = c.tls_cert is not None
         args = [
             f"--model-repository={c.repository.resolve()}",
             f"--backend-directory={backend_directory}",
-            f"--http-address={c.host}",
+            f"--http-address={'127.0.0.1' if tls else c.host}",
             f"--http-port={c.http_port}",
             f"--grpc-address={c.host}",
             f"--grpc-port={c.grpc_port}",
@@ -276,6 +299,12 @@ class TritonServer:
         ]
         if c.model_config_name:
             args.append(f"--model-config-name={c.model_config_name}")
+        if tls:
+            args += [f"--grpc-server-cert={c.tls_cert}", f"--grpc-server-key={c.tls_key}"]
+            if c.tls_client_ca:
+                args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={c.tls_client_ca}"]
+            else:
+                args.append("--grpc-use-ssl=true")
         return [str(find_bundle().binary), *args, *c.extra_args]
 
     def start(self) -> TritonServer:
@@ -286,6 +315,7 @@ class TritonServer:
         """
         c = self.config
         bundle = find_bundle()
+        check_tls(c)
         self.models = check_repository(c.repository, c.model_config_name)
         bin_dir = Path(sys.executable).parent
         check_python_environment(bin_dir)
@@ -306,7 +336,7 @@ class TritonServer:
     def is_ready(self) -> bool:
         """Whether ``/v2/health/ready`` answers 200 (every model loaded and warmed up)."""
         try:
-            with urllib.request.urlopen(f"http://{self.config.http_url}/v2/health/ready", timeout=1) as response:
+            with urllib.request.urlopen(f"http://{self.config.local_http_url}/v2/health/ready", timeout=1) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -425,12 +455,12 @@ def ready_models(http_url: str, admin_key: str) -> dict[str, list[int]]:
 
 
 def _print_ready(config: ServerConfig) -> None:
-    models = ready_models(config.http_url, config.admin_key)
+    models = ready_models(config.local_http_url, config.admin_key)
     served = ", ".join(f"{name} (versions {', '.join(map(str, v))})" for name, v in models.items())
     name = next(iter(models), "braintumor")
     print(
         f"Triton is ready: {served}\n"
-        f"  gRPC     {config.grpc_url}\n"
+        f"  gRPC     {config.grpc_url}{' (TLS)' if config.tls_cert else ''}\n"
         f"  HTTP     http://{config.http_url}   e.g. curl http://{config.http_url}/v2/models/{name}\n"
         f"  metrics  {config.metrics_url}\n"
         "Press Ctrl+C to stop.",

@@ -1,0 +1,132 @@
+"""gRPC over TLS and mutual TLS on the real embedded server, with certificates made at test time."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import copy_repository, free_ports
+
+from synthetic import random_slice
+
+pytest.importorskip("tritonclient.grpc")
+
+from braintumor.classifier import TumorClassifier
+from braintumor.errors import ServerUnavailableError
+from braintumor_serving.triton import ServeError, ServerConfig, TritonServer
+
+pytestmark = pytest.mark.slow
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory) -> Path:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("pki")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=braintumor test CA",
+        cwd=d,
+    )
+    (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name in ("server", "client"):
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "1",
+            "-extfile",
+            f"{name}.ext",
+            cwd=d,
+        )
+    return d
+
+
+def _server(tmp_path: Path, pki: Path, mutual: bool) -> TritonServer:
+    http, grpc, metrics = free_ports(3)
+    config = ServerConfig(
+        repository=copy_repository(tmp_path / "model_repository"),
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
+        tls_cert=pki / "server.pem",
+        tls_key=pki / "server.key",
+        tls_client_ca=pki / "ca.pem" if mutual else None,
+    )
+    return TritonServer(config)
+
+
+def test_grpc_over_tls(certificates, tmp_path):
+    image = random_slice(np.random.default_rng(0))
+    with _server(tmp_path, certificates, mutual=False) as server:
+        server.wait_until_ready(120)
+        url = server.config.grpc_url
+        with TumorClassifier(url, ssl=True, root_certificates=str(certificates / "ca.pem")) as secure:
+            assert secure.predict(image).label
+        with pytest.raises(ServerUnavailableError):  # plaintext to a TLS port
+            TumorClassifier(url, timeout=2, retries=0)
+
+
+def test_mutual_tls_needs_a_client_certificate(certificates, tmp_path):
+    image = random_slice(np.random.default_rng(1))
+    with _server(tmp_path, certificates, mutual=True) as server:
+        server.wait_until_ready(120)
+        url, ca = server.config.grpc_url, str(certificates / "ca.pem")
+        with TumorClassifier(
+            url,
+            ssl=True,
+            root_certificates=ca,
+            private_key=str(certificates / "client.key"),
+            certificate_chain=str(certificates / "client.pem"),
+        ) as client:
+            assert client.predict(image).label
+        with pytest.raises(ServerUnavailableError):
+            TumorClassifier(url, ssl=True, root_certificates=ca, timeout=2, retries=0)
+
+
+def test_incomplete_tls_options_are_refused(certificates, tmp_path):
+    with pytest.raises(ServeError, match="both a certificate"):
+        TritonServer(ServerConfig(tls_cert=certificates / "server.pem")).start()
+    with pytest.raises(ServeError, match="not found"):
+        TritonServer(ServerConfig(tls_cert=tmp_path / "x.pem", tls_key=tmp_path / "x.key")).start()

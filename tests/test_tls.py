@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import shutil
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -97,11 +101,23 @@ def _server(tmp_path: Path, pki: Path, mutual: bool) -> TritonServer:
     return TritonServer(config)
 
 
-def test_grpc_over_tls(certificates, tmp_path):
+def _https_ready(server: TritonServer, pki: Path, client_cert: bool) -> int:
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    if client_cert:
+        context.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+    url = f"https://{server.config.http_url}/v2/health/ready"
+    with urllib.request.urlopen(url, context=context, timeout=5) as response:
+        return response.status
+
+
+def test_grpc_and_http_over_tls(certificates, tmp_path):
     image = random_slice(np.random.default_rng(0))
     with _server(tmp_path, certificates, mutual=False) as server:
         server.wait_until_ready(120)
         url = server.config.grpc_url
+        assert _https_ready(server, certificates, client_cert=False) == 200
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://{server.config.http_url}/v2/health/ready", timeout=5)
         with TumorClassifier(url, ssl=True, root_certificates=str(certificates / "ca.pem")) as secure:
             assert secure.predict(image).label
         with pytest.raises(ServerUnavailableError):  # plaintext to a TLS port
@@ -123,6 +139,9 @@ def test_mutual_tls_needs_a_client_certificate(certificates, tmp_path):
             assert client.predict(image).label
         with pytest.raises(ServerUnavailableError):
             TumorClassifier(url, ssl=True, root_certificates=ca, timeout=2, retries=0)
+        assert _https_ready(server, certificates, client_cert=True) == 200
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            _https_ready(server, certificates, client_cert=False)
 
 
 def test_incomplete_tls_options_are_refused(certificates, tmp_path):

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from types import FrameType
 
 from braintumor.config import DEFAULT_MODEL_REPOSITORY
 from braintumor.model_repository import CONFIG_FILE, CPU_CONFIG_NAME, versions
+from braintumor_serving.tls_proxy import TlsProxy, server_context
 
 BACKEND_NAME = "onnxruntime_python"
 #: Triton APIs that only callers sending the admin key may use (everything but health, metadata,
@@ -219,8 +221,9 @@ class ServerConfig:
         http_port, grpc_port, metrics_port: the three endpoints' ports.
         model_config_name: the ``configs/<name>.pbtxt`` to use (``cpu`` for this server's backend).
         log_file: where the server's own log goes (default: a file in its temporary folder).
-        tls_cert, tls_key: PEM files: serve gRPC over TLS. Triton's HTTP server has no TLS, so with TLS
-            on, HTTP listens on 127.0.0.1 only (health checks); put a TLS proxy in front for remote HTTP.
+        tls_cert, tls_key: PEM files: serve gRPC (natively) and HTTP over TLS. Triton's HTTP server has no
+            TLS, so with TLS on it listens on a loopback port and a TLS proxy (:mod:`.tls_proxy`) serves
+            ``host:http_port``.
         tls_client_ca: PEM file of the CA that signs client certificates: mutual TLS (needs the above).
         admin_key: the key that unlocks the administrative APIs (:data:`RESTRICTED_APIS`); by default a
             random key that only this process knows, so they are closed to everyone else.
@@ -234,6 +237,7 @@ class ServerConfig:
     metrics_port: int = 8002
     model_config_name: str | None = CPU_CONFIG_NAME
     log_file: Path | None = None
+    internal_http_port: int = 0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -252,8 +256,8 @@ class ServerConfig:
 
     @property
     def local_http_url(self) -> str:
-        """``host:port`` where this machine reaches the HTTP endpoint (loopback when TLS is on)."""
-        return f"127.0.0.1:{self.http_port}" if self.tls_cert is not None else self.http_url
+        """``host:port`` of Triton's own, plain HTTP endpoint (on loopback behind the proxy when TLS is on)."""
+        return f"127.0.0.1:{self.internal_http_port}" if self.tls_cert is not None else self.http_url
 
     @property
     def metrics_url(self) -> str:
@@ -273,6 +277,7 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.models: dict[str, list[int]] = {}
         self._workdir: Path | None = None
+        self._proxy: TlsProxy | None = None
         self.log_file: Path | None = None
 
     def command(self, backend_directory: Path) -> list[str]:
@@ -283,7 +288,7 @@ class TritonServer:
             f"--model-repository={c.repository.resolve()}",
             f"--backend-directory={backend_directory}",
             f"--http-address={'127.0.0.1' if tls else c.host}",
-            f"--http-port={c.http_port}",
+            f"--http-port={c.internal_http_port if tls else c.http_port}",
             f"--grpc-address={c.host}",
             f"--grpc-port={c.grpc_port}",
             f"--metrics-address={c.host}",
@@ -321,6 +326,14 @@ class TritonServer:
         check_python_environment(bin_dir)
         for what, port in (("HTTP", c.http_port), ("gRPC", c.grpc_port), ("metrics", c.metrics_port)):
             check_port_free(c.host, port, what)
+        if c.tls_cert is not None:
+            if not c.internal_http_port:
+                (c.internal_http_port,) = free_ports(1)
+            try:
+                context = server_context(c.tls_cert, c.tls_key, c.tls_client_ca)
+                self._proxy = TlsProxy((c.host, c.http_port), ("127.0.0.1", c.internal_http_port), context).start()
+            except (OSError, ssl.SSLError) as err:
+                raise ServeError(f"cannot serve HTTPS on {c.host}:{c.http_port}: {err}") from err
         self._workdir = Path(tempfile.mkdtemp(prefix="braintumor-triton-"))
         backends = prepare_backend_directory(bundle, self._workdir / "backends")
         self.log_file = c.log_file or self._workdir / "tritonserver.log"
@@ -385,6 +398,9 @@ class TritonServer:
                     self.process.kill()
                     self.process.wait()
             code = self.process.returncode
+        if self._proxy is not None:
+            self._proxy.stop()
+            self._proxy = None
         if self._workdir and self.config.log_file is None:
             shutil.rmtree(self._workdir, ignore_errors=True)
         return code
@@ -461,7 +477,8 @@ def _print_ready(config: ServerConfig) -> None:
     print(
         f"Triton is ready: {served}\n"
         f"  gRPC     {config.grpc_url}{' (TLS)' if config.tls_cert else ''}\n"
-        f"  HTTP     http://{config.http_url}   e.g. curl http://{config.http_url}/v2/models/{name}\n"
+        f"  HTTP     {'https' if config.tls_cert else 'http'}://{config.http_url}   e.g. curl "
+        f"{'https' if config.tls_cert else 'http'}://{config.http_url}/v2/models/{name}\n"
         f"  metrics  {config.metrics_url}\n"
         "Press Ctrl+C to stop.",
         flush=True,

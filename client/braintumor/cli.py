@@ -106,6 +106,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_robustness(args: argparse.Namespace) -> int:
+    _require_training(tensorflow=False)
+    import json
+
+    from braintumor.model_repository import versions
+    from braintumor_training.robustness import evaluate_robustness, render_table, write_report
+
+    model_dir = Path(args.repository) / args.model_name
+    published = versions(model_dir)
+    version = args.version or (published[-1] if published else None)
+    if version not in published:
+        print(f"braintumor robustness: version {version} of {args.model_name} is not published", file=sys.stderr)
+        return 2
+    folder = model_dir / str(version)
+    leak_free = set(json.loads((folder / "metrics.json").read_text()).get("leak_free_test_images", []))
+    result = evaluate_robustness(folder / "model.onnx", Path(args.data), leak_free, seed=args.seed, limit=args.limit)
+    out = Path(args.out or f"docs/robustness/v{version}")
+    write_report(result, out)
+    print(render_table(result, "test_leak_free"))
+    print(f"Wrote {out}/robustness.json, robustness.md and robustness.png")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         from braintumor_serving.triton import ServerConfig, serve
@@ -254,6 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-tumor-sensitivity", type=float, default=0.97)
     p.add_argument("--served-versions", type=int, default=2, help="latest versions Triton serves side by side")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("robustness", help="accuracy of a published version under scanner and acquisition shifts")
+    p.add_argument("--version", type=int, default=None, help="published version (default: the latest)")
+    p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
+    p.add_argument("--model-name", default=MODEL_NAME)
+    p.add_argument("--data", default=str(DEFAULT_DATA_DIR))
+    p.add_argument("--out", default=None, help="report folder (default: docs/robustness/v<N>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use about this many Testing images (quick runs)")
+    p.set_defaults(func=_cmd_robustness)
 
     p = sub.add_parser("serve", help="run the model repository on the embedded Triton server (CPU)")
     p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))

@@ -1,0 +1,254 @@
+"""Robustness to scanner and acquisition shifts: controlled, seeded image shifts at three severities.
+
+Each shift is applied to the original image, before the shared preprocessing, as a different scanner or
+protocol would have produced it; the published ONNX model of a version then classifies the result through
+the same preprocessing its clients use. Results per shift and severity, on Testing and on its leak-free
+subset: accuracy, macro-F1, tumor sensitivity and specificity.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, ImageFilter
+
+from braintumor.config import INPUT_NAME, OUTPUT_NAME
+from braintumor.preprocessing import load_image, preprocess, to_grey
+from braintumor_training.dataset import TEST_SPLIT, scan_dataset
+from braintumor_training.metrics import classification_metrics
+
+Shift = Callable[[Image.Image, int, np.random.Generator], Image.Image]
+
+
+def _array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64)
+
+
+def _image(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def brightness(image: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    """Add a constant: +20, +40, +60 grey levels."""
+    return _image(_array(image) + (20, 40, 60)[level - 1])
+
+
+def contrast(image: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    """Scale around the mean by 0.8, 0.6, 0.4."""
+    values = _array(image)
+    return _image(values.mean() + (values - values.mean()) * (0.8, 0.6, 0.4)[level - 1])
+
+
+def gamma(image: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    """Gamma 1.3, 1.7, 2.2 on [0, 1] intensities."""
+    return _image(255.0 * (_array(image) / 255.0) ** (1.3, 1.7, 2.2)[level - 1])
+
+
+def bias_field(image: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    """A smooth multiplicative MR bias field of amplitude ±20 %, ±35 %, ±50 % (random low-order polynomial)."""
+    values = _array(image)
+    y, x = np.mgrid[-1 : 1 : values.shape[0] * 1j, -1 : 1 : values.shape[1] * 1j]
+    c = rng.normal(size=6)
+    field = c[0] * x + c[1] * y + c[2] * x * y + c[3] * x**2 + c[4] * y**2 + c[5] * x**2 * y
+    field = field / (np.abs(field).max() + 1e-9)
+    return _image(values * (1.0 + (0.2, 0.35, 0.5)[level - 1] * field))
+
+
+def gaussian_noise(image: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    """Additive Gaussian noise, σ = 5, 10, 20 grey levels."""
+    values = _array(image)
+    return _image(values + rng.normal(0.0, (5, 10, 20)[level - 1], values.shape))
+
+
+def rician_noise(image: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    """Rician noise (magnitude of complex Gaussian noise), σ = 5, 10, 20, as in magnitude MR images."""
+    values = _array(image)
+    sigma = (5, 10, 20)[level - 1]
+    return _image(np.hypot(values + rng.normal(0, sigma, values.shape), rng.normal(0, sigma, values.shape)))
+
+
+def blur(image: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    """Gaussian blur, radius 0.7, 1.2, 2.0 pixels."""
+    return image.filter(ImageFilter.GaussianBlur((0.7, 1.2, 2.0)[level - 1]))
+
+
+def jpeg(image: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    """JPEG re-compression at quality 50, 25, 10."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=(50, 25, 10)[level - 1])
+    return Image.open(buffer).convert("L")
+
+
+def down_up(image: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    """Down-sampling to 1/2, 1/3, 1/4 of the side, then back up (bilinear)."""
+    factor = (2, 3, 4)[level - 1]
+    small = image.resize((image.width // factor, image.height // factor), Image.Resampling.BILINEAR)
+    return small.resize(image.size, Image.Resampling.BILINEAR)
+
+
+def zoom_out(image: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    """Shrink to 85 %, 70 %, 55 % of the side, centred on a black border (a wider field of view)."""
+    scale = (0.85, 0.7, 0.55)[level - 1]
+    small = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
+    canvas = Image.new("L", image.size, 0)
+    canvas.paste(small, ((image.width - small.width) // 2, (image.height - small.height) // 2))
+    return canvas
+
+
+def zoom_in(image: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    """Crop 90 %, 80 %, 70 % of the side at a random off-centre position, resized back."""
+    keep = (0.9, 0.8, 0.7)[level - 1]
+    w, h = round(image.width * keep), round(image.height * keep)
+    left, top = int(rng.integers(0, image.width - w + 1)), int(rng.integers(0, image.height - h + 1))
+    return image.crop((left, top, left + w, top + h)).resize(image.size, Image.Resampling.BILINEAR)
+
+
+def rotation(image: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    """Rotation by 10°, 20°, 30° in a random direction."""
+    angle = (10, 20, 30)[level - 1] * (1 if rng.random() < 0.5 else -1)
+    return image.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
+
+
+def aspect_ratio(image: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    """Squeeze one axis to 87 %, 77 %, 67 % and pad with black (a different pixel aspect or field of view)."""
+    keep = (0.87, 0.77, 0.67)[level - 1]
+    canvas = Image.new("L", image.size, 0)
+    if rng.random() < 0.5:
+        squeezed = image.resize((round(image.width * keep), image.height), Image.Resampling.BILINEAR)
+        canvas.paste(squeezed, ((image.width - squeezed.width) // 2, 0))
+    else:
+        squeezed = image.resize((image.width, round(image.height * keep)), Image.Resampling.BILINEAR)
+        canvas.paste(squeezed, (0, (image.height - squeezed.height) // 2))
+    return canvas
+
+
+SHIFTS: dict[str, Shift] = {
+    "brightness": brightness,
+    "contrast": contrast,
+    "gamma": gamma,
+    "bias_field": bias_field,
+    "gaussian_noise": gaussian_noise,
+    "rician_noise": rician_noise,
+    "blur": blur,
+    "jpeg": jpeg,
+    "down_up": down_up,
+    "zoom_out": zoom_out,
+    "zoom_in": zoom_in,
+    "rotation": rotation,
+    "aspect_ratio": aspect_ratio,
+}
+
+
+@dataclass(frozen=True)
+class Robustness:
+    """Results: ``metrics[set][shift][severity]`` (severity 0 is the clean image)."""
+
+    model: str
+    metrics: dict[str, dict[str, dict[int, dict[str, Any]]]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {"model": self.model, "metrics": self.metrics}
+
+
+def evaluate_robustness(
+    model: Path,
+    data_dir: Path,
+    leak_free: set[str],
+    seed: int = 0,
+    shifts: dict[str, Shift] | None = None,
+    limit: int | None = None,
+) -> Robustness:
+    """Classify every Testing image under every shift and severity with the ONNX model of a version.
+
+    Args:
+        model: the version's ``model.onnx``.
+        data_dir: dataset root with ``Testing/``.
+        leak_free: Testing paths (relative to ``data_dir``) with no near duplicate in Training.
+        seed: seed of the random parts of the shifts (the same for every version compared).
+        shifts: the shifts to apply (default: all of :data:`SHIFTS`).
+        limit: use only every n-th image so that about ``limit`` images remain (quick runs).
+    """
+    shifts = SHIFTS if shifts is None else shifts
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    size = int(session.get_inputs()[0].shape[1])
+    records = [r for r in scan_dataset(data_dir, (TEST_SPLIT,))]
+    if limit:
+        records = records[:: max(1, len(records) // limit)]
+    labels = np.array([r.label_index for r in records])
+    clean_set = np.array([r.path in leak_free for r in records])
+    originals = [to_grey(load_image(data_dir / r.path)) for r in records]
+
+    def score(images: list[Image.Image]) -> np.ndarray:
+        pixels = np.stack([preprocess(image, size) for image in images])
+        return np.concatenate(
+            [session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i : i + 64]})[0] for i in range(0, len(pixels), 64)]
+        )
+
+    results: dict[str, dict[str, dict[int, dict[str, Any]]]] = {"test": {}, "test_leak_free": {}}
+    clean = score(originals)
+    for name, shift in shifts.items():
+        for level in (0, 1, 2, 3):
+            if level == 0:
+                probabilities = clean
+            else:
+                rng = np.random.default_rng([seed, list(SHIFTS).index(name) if name in SHIFTS else 99, level])
+                probabilities = score([shift(image, level, rng) for image in originals])
+            for set_name, mask in (("test", np.ones(len(records), bool)), ("test_leak_free", clean_set)):
+                if mask.any():
+                    m = classification_metrics(probabilities[mask], labels[mask])
+                    results[set_name].setdefault(name, {})[level] = {
+                        k: m[k] for k in ("n_images", "accuracy", "macro_f1", "tumor_sensitivity", "tumor_specificity")
+                    }
+    return Robustness(str(model), results)
+
+
+def render_table(result: Robustness, set_name: str) -> str:
+    """Markdown: accuracy / tumor sensitivity per shift (rows) and severity (columns)."""
+    lines = ["| shift | clean | severity 1 | severity 2 | severity 3 |", "|---|---:|---:|---:|---:|"]
+    for name, levels in result.metrics[set_name].items():
+        cells = [f"{levels[k]['accuracy']:.3f} / {levels[k]['tumor_sensitivity']:.3f}" for k in (0, 1, 2, 3)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_heatmap(result: Robustness, path: Path, set_name: str = "test_leak_free") -> None:
+    """Accuracy per shift and severity as a heatmap figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result.metrics[set_name])
+    grid = np.array([[result.metrics[set_name][n][k]["accuracy"] for k in (0, 1, 2, 3)] for n in names])
+    fig, ax = plt.subplots(figsize=(6, 0.42 * len(names) + 1.4))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(4), ["clean", "sev. 1", "sev. 2", "sev. 3"])
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(4):
+            ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=8)
+    ax.set_title(f"Accuracy under shifts ({set_name}, n={result.metrics[set_name][names[0]][0]['n_images']})")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(result: Robustness, out_dir: Path) -> None:
+    """``robustness.json``, ``robustness.md`` and ``robustness.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "robustness.json").write_text(json.dumps(result.to_dict(), indent=1))
+    text = [f"# Robustness of `{result.model}`", "", "Cells: accuracy / tumor sensitivity.", ""]
+    for set_name in ("test", "test_leak_free"):
+        text += [f"## {set_name}", "", render_table(result, set_name), ""]
+    (out_dir / "robustness.md").write_text("\n".join(text))
+    plot_heatmap(result, out_dir / "robustness.png")

@@ -211,58 +211,27 @@ def test_metadata_mismatch_is_an_error_not_a_wrong_answer():
     assert "FP32 [batch, 4]" in str(err.value)
 
 
+def _predict_command(url: str, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "braintumor.cli", "predict", "--url", url, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
 def test_predict_command_json_lines_and_exit_status(triton, tmp_path):
     good = tmp_path / "good.png"
     random_slice(np.random.default_rng(7)).save(good)
     (tmp_path / "bad.jpg").write_bytes(b"nope")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "braintumor.cli",
-            "predict",
-            "--url",
-            triton.config.grpc_url,
-            "--json",
-            str(good),
-            str(tmp_path / "bad.jpg"),
-            str(tmp_path / "*.none"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    url = triton.config.grpc_url
+    result = _predict_command(url, "--json", str(good), str(tmp_path / "bad.jpg"), str(tmp_path / "*.none"))
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert result.returncode == 1
     assert len(lines) == 3
     assert {"path", "label", "probabilities", "tumor_probability", "model_version"} <= set(lines[0])
     assert "error" in lines[1] and lines[1]["path"].endswith("bad.jpg")
     assert "error" in lines[2]
-    ok = subprocess.run(
-        [sys.executable, "-m", "braintumor.cli", "predict", "--url", triton.config.grpc_url, str(tmp_path / "*.png")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    ok = _predict_command(url, str(tmp_path / "*.png"))
     assert ok.returncode == 0 and "good.png" in ok.stdout
     overlays = tmp_path / "overlays"
-    explained = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "braintumor.cli",
-            "predict",
-            "--url",
-            triton.config.grpc_url,
-            "--json",
-            "--explain",
-            str(overlays),
-            str(good),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    explained = _predict_command(url, "--json", "--explain", str(overlays), str(good))
     line = json.loads(explained.stdout)
     assert explained.returncode == 0 and line["explanation"] == str(overlays / "good.gradcam.png")
     assert len(line["heatmap"]) == 5 and line["explained_label"] == line["label"]

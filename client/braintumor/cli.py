@@ -55,6 +55,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         patience=args.patience,
         threshold=args.threshold,
         collapse_grace_epochs=args.collapse_grace_epochs,
+        augmentation=args.augmentation,
     )
     try:
         train(config, command=args.command_line)
@@ -256,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=int, default=None, help="near-duplicate Hamming distance (of 256)")
     p.add_argument("--weights", default=None, help="local MobileNetV3Small include_top=False weights file")
     p.add_argument("--limit-per-class", type=int, default=None, help="train on a small subset (smoke tests)")
+    p.add_argument(
+        "--augmentation",
+        choices=["v1", "robust"],
+        default="v1",
+        help="augmentation profile: v1 (mild) or robust (contrast, gamma, bias field, noise, framing)",
+    )
     p.add_argument(
         "--collapse-grace-epochs", type=int, default=5, help="epochs before a constant-output model stops the run"
     )

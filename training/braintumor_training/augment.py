@@ -1,31 +1,135 @@
-"""Training-time augmentation for MRI slices, applied to float pixels in [0, 255].
+"""Training-time augmentation for MRI slices, applied to batches of float pixels in [0, 255].
 
-Slices come from different scanners and are framed and windowed differently, so the augmentation
-varies geometry (left-right flip, small rotation, zoom) and intensity (brightness, contrast) mildly.
-Each random layer takes its own seed, so a run is reproducible.
+Two profiles:
+
+- ``v1`` (what version 1 was trained with): mild left-right flip, rotation, zoom, brightness and
+  contrast.
+- ``robust``: what scanners and protocols really vary, as measured by ``braintumor robustness``:
+  strong contrast and gamma changes, a smooth MR bias field, noise, zoom-out with black borders,
+  off-centre crops and aspect-ratio changes.
+
+Each random transform draws from its own seeded generator, so a run is reproducible.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import keras
+import tensorflow as tf
+
+Transform = Callable[[tf.Tensor], tf.Tensor]
 
 
-def build_augmenter(seed: int, rotation: float = 0.03, zoom: float = 0.1, intensity: float = 0.1) -> keras.Sequential:
-    """The augmentation pipeline.
+class RandomGamma:
+    """Raise intensities (scaled to [0, 1]) to a random power, per image.
 
     Args:
-        seed: base seed; each layer draws from ``seed + k``.
-        rotation: largest rotation as a fraction of a full turn (0.03 ≈ 11°).
-        zoom: largest zoom in or out, as a fraction of the image side.
-        intensity: largest brightness shift (fraction of 255) and contrast change.
+        low, high: range of the gamma exponent, drawn log-uniformly.
+        probability: share of images transformed.
+        seed: seed of this transform's own generator.
     """
-    return keras.Sequential(
+
+    def __init__(self, low: float = 0.45, high: float = 2.2, probability: float = 0.5, seed: int = 0) -> None:
+        self.low, self.high, self.probability = low, high, probability
+        self.generator = tf.random.Generator.from_seed(seed)
+
+    def __call__(self, images: tf.Tensor) -> tf.Tensor:
+        n = tf.shape(images)[0]
+        log_gamma = self.generator.uniform([n, 1, 1, 1], tf.math.log(self.low), tf.math.log(self.high))
+        apply = self.generator.uniform([n, 1, 1, 1]) < self.probability
+        gamma = tf.where(apply, tf.exp(log_gamma), tf.ones_like(log_gamma))
+        return 255.0 * tf.pow(tf.clip_by_value(images / 255.0, 0.0, 1.0), gamma)
+
+
+class RandomBiasField:
+    """Multiply by a smooth random field (a low-order polynomial), as MR coil sensitivity does.
+
+    Args:
+        amplitude: largest relative change of intensity (0.5 = ±50 %).
+        probability: share of images transformed.
+        seed: seed of this transform's own generator.
+    """
+
+    def __init__(self, amplitude: float = 0.5, probability: float = 0.5, seed: int = 0) -> None:
+        self.amplitude, self.probability = amplitude, probability
+        self.generator = tf.random.Generator.from_seed(seed)
+
+    def __call__(self, images: tf.Tensor) -> tf.Tensor:
+        shape = tf.shape(images)
+        n, h, w = shape[0], shape[1], shape[2]
+        y = tf.linspace(-1.0, 1.0, h)[:, None] * tf.ones([1, w])
+        x = tf.ones([h, 1]) * tf.linspace(-1.0, 1.0, w)[None, :]
+        basis = tf.stack([x, y, x * y, x * x, y * y, x * x * y], axis=-1)  # [h, w, 6]
+        coefficients = self.generator.normal([n, 6])
+        field = tf.einsum("hwk,nk->nhw", basis, coefficients)
+        field = field / (tf.reduce_max(tf.abs(field), axis=[1, 2], keepdims=True) + 1e-6)
+        strength = self.amplitude * self.generator.uniform([n, 1, 1])
+        apply = tf.cast(self.generator.uniform([n, 1, 1]) < self.probability, tf.float32)
+        return images * (1.0 + apply * strength * field)[..., None]
+
+
+class RandomNoise:
+    """Additive Gaussian noise with a random standard deviation, per image.
+
+    Args:
+        max_sigma: largest standard deviation, in grey levels.
+        probability: share of images transformed.
+        seed: seed of this transform's own generator.
+    """
+
+    def __init__(self, max_sigma: float = 15.0, probability: float = 0.3, seed: int = 0) -> None:
+        self.max_sigma, self.probability = max_sigma, probability
+        self.generator = tf.random.Generator.from_seed(seed)
+
+    def __call__(self, images: tf.Tensor) -> tf.Tensor:
+        n = tf.shape(images)[0]
+        sigma = self.max_sigma * self.generator.uniform([n, 1, 1, 1])
+        apply = tf.cast(self.generator.uniform([n, 1, 1, 1]) < self.probability, tf.float32)
+        noise = self.generator.normal(tf.shape(images)[:3])[..., None]  # one grey noise for all channels
+        return images + apply * sigma * noise
+
+
+def build_augmenter(seed: int, profile: str = "v1") -> Transform:
+    """The augmentation pipeline of a profile (``v1`` or ``robust``), as one callable on a batch."""
+    if profile == "v1":
+        layers = keras.Sequential(
+            [
+                keras.layers.RandomFlip("horizontal", seed=seed),
+                keras.layers.RandomRotation(0.03, fill_mode="constant", seed=seed + 1),
+                keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
+                keras.layers.RandomBrightness(0.1, value_range=(0.0, 255.0), seed=seed + 3),
+                keras.layers.RandomContrast(0.1, value_range=(0.0, 255.0), seed=seed + 4),
+            ],
+            name="augment_v1",
+        )
+        return lambda images: layers(images, training=True)
+    if profile != "robust":
+        raise ValueError(f"augmentation profile must be 'v1' or 'robust', got {profile!r}")
+    geometry = keras.Sequential(
         [
             keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(rotation, fill_mode="constant", seed=seed + 1),
-            keras.layers.RandomZoom(zoom, fill_mode="constant", seed=seed + 2),
-            keras.layers.RandomBrightness(intensity, value_range=(0.0, 255.0), seed=seed + 3),
-            keras.layers.RandomContrast(intensity, value_range=(0.0, 255.0), seed=seed + 4),
+            keras.layers.RandomRotation(0.06, fill_mode="constant", seed=seed + 1),
+            # independent height and width factors: zoom out with black borders (positive), crops (negative)
+            # and aspect-ratio changes (unequal)
+            keras.layers.RandomZoom((-0.35, 0.8), (-0.35, 0.8), fill_mode="constant", seed=seed + 2),
+            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed + 3),
         ],
-        name="augment",
+        name="augment_geometry",
     )
+    intensity = keras.Sequential(
+        [
+            keras.layers.RandomBrightness(0.25, value_range=(0.0, 255.0), seed=seed + 4),
+            keras.layers.RandomContrast(0.65, value_range=(0.0, 255.0), seed=seed + 5),
+        ],
+        name="augment_intensity",
+    )
+    gamma, bias, noise = RandomGamma(seed=seed + 6), RandomBiasField(seed=seed + 7), RandomNoise(seed=seed + 8)
+
+    def augment(images: tf.Tensor) -> tf.Tensor:
+        images = geometry(images, training=True)
+        images = intensity(images, training=True)
+        images = noise(bias(gamma(images)))
+        return tf.clip_by_value(images, 0.0, 255.0)
+
+    return augment

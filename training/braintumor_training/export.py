@@ -30,6 +30,12 @@ from braintumor_training.dataset import load_arrays
 from braintumor_training.evaluate import EVALUATION_DIR, load_classifier, load_run, run_sets, summary_rows
 from braintumor_training.model import build_served_model, feature_model
 
+#: What each augmentation profile does, for the model card.
+AUGMENTATION_DESCRIPTIONS = {
+    "v1": "mild flip/rotation/zoom/brightness/contrast augmentation",
+    "robust": "augmentation for scanner and framing shifts (flip, rotation, zoom-out with borders, crops, "
+    "aspect ratio, translation, strong brightness/contrast/gamma, MR bias field, noise)",
+}
 #: The served model's outputs, in order.
 SERVED_OUTPUTS = [OUTPUT_NAME, HEATMAP_NAME]
 #: Largest allowed difference between ONNX Runtime and Keras outputs.
@@ -256,7 +262,9 @@ def render_model_card(
             f"(TensorFlow {versions.get('tensorflow', '?')}, Keras {versions.get('keras', '?')}); batch "
             f"{config['batch_size']}, AdamW (peak learning rate {config['learning_rate']}, weight decay "
             f"{config['weight_decay']}), warm-up then cosine decay, label smoothing {config['label_smoothing']}, "
-            "balanced class weights, BatchNorm momentum 0.9, flip/rotation/zoom/brightness/contrast augmentation. "
+            "balanced class weights, BatchNorm momentum 0.9, "
+            + AUGMENTATION_DESCRIPTIONS[config.get("augmentation", "v1")]
+            + ". "
             f"Calibration: temperature T = {metrics['temperature']:.4f} fitted on validation, built into the model.",
             "",
             "## Results",

@@ -58,6 +58,7 @@ class TrainConfig:
         weights: optional local backbone weights file to start from.
         limit_per_class: keep at most this many training images per class (smoke tests).
         collapse_grace_epochs: epochs before the collapse guard may stop a run.
+        augmentation: augmentation profile, ``v1`` (mild) or ``robust`` (scanner and framing shifts).
     """
 
     data_dir: str
@@ -76,6 +77,7 @@ class TrainConfig:
     weights: str | None = None
     limit_per_class: int | None = None
     collapse_grace_epochs: int = 5
+    augmentation: str = "v1"
 
 
 class CollapseGuard(keras.callbacks.Callback):
@@ -136,6 +138,7 @@ def make_dataset(
     *,
     training: bool,
     seed: int,
+    augmentation: str = "v1",
 ) -> tf.data.Dataset:
     """A tf.data pipeline over already preprocessed uint8 pixels.
 
@@ -150,8 +153,8 @@ def make_dataset(
     ds = ds.batch(batch_size)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     if training:
-        augmenter = build_augmenter(seed)
-        ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        augmenter = build_augmenter(seed, augmentation)
+        ds = ds.map(lambda x, y: (augmenter(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -254,7 +257,9 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     ]
     started = time.time()
     history = model.fit(
-        make_dataset(x_train, y_train, config.batch_size, training=True, seed=config.seed),
+        make_dataset(
+            x_train, y_train, config.batch_size, training=True, seed=config.seed, augmentation=config.augmentation
+        ),
         validation_data=make_dataset(x_val, y_val, 64, training=False, seed=config.seed),
         epochs=config.epochs,
         class_weight=class_weight,

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from braintumor._model_check import ServedModel, check_model, requested_outputs, to_predictions
 from braintumor.config import INPUT_NAME, MODEL_NAME
-from braintumor.errors import RETRYABLE_STATUSES, BrainTumorError, ModelNotReadyError, from_triton
+from braintumor.errors import BrainTumorError, ModelNotReadyError, from_triton, retry_delay
 from braintumor.prediction import Prediction
 from braintumor.preprocessing import ImageSource, preprocess
 
@@ -63,16 +63,12 @@ class AsyncTumorClassifier:
         self.model: ServedModel | None = None
 
     async def _call(self, fn: Callable[[], Awaitable[T]], during: str) -> T:
-        delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
                 return await fn()
             except InferenceServerException as err:
-                error = from_triton(err, during=during)
-                if error.status not in RETRYABLE_STATUSES or attempt == self.retries:
-                    raise error from err
+                delay = retry_delay(err, during=during, attempt=attempt, retries=self.retries, backoff=self.backoff)
             await asyncio.sleep(delay)
-            delay *= 2
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def connect(self) -> ServedModel:

@@ -19,11 +19,11 @@ from tritonclient.utils import InferenceServerException
 from braintumor._model_check import ServedModel, check_model, requested_outputs, to_predictions
 from braintumor.config import INPUT_NAME, MODEL_NAME
 from braintumor.errors import (
-    RETRYABLE_STATUSES,
     BrainTumorError,
     DeadlineExceededError,
     ModelNotReadyError,
     from_triton,
+    retry_delay,
 )
 from braintumor.prediction import Prediction
 from braintumor.preprocessing import ImageSource, preprocess
@@ -85,16 +85,12 @@ class TumorClassifier:
 
     # -- plumbing ---------------------------------------------------------------------------------------
     def _call(self, fn: Callable[[], T], during: str) -> T:
-        delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
                 return fn()
             except InferenceServerException as err:
-                error = from_triton(err, during=during)
-                if error.status not in RETRYABLE_STATUSES or attempt == self.retries:
-                    raise error from err
+                delay = retry_delay(err, during=during, attempt=attempt, retries=self.retries, backoff=self.backoff)
             time.sleep(delay)
-            delay *= 2
         raise AssertionError("unreachable")  # pragma: no cover
 
     @property

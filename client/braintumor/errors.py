@@ -90,3 +90,18 @@ def from_triton(error: Exception, *, during: str) -> BrainTumorError:
     if status == "NOT_FOUND" or "is not ready" in text or "unknown model" in text.lower():
         return ModelNotReadyError(message, status=status)
     return InferenceError(message, status=status)
+
+
+def retry_delay(error: Exception, *, during: str, attempt: int, retries: int, backoff: float) -> float:
+    """The SDK's one retry policy: the wait before attempt ``attempt + 1``, or raise the SDK error.
+
+    Only :data:`RETRYABLE_STATUSES` are retried, ``retries`` times at most, waiting ``backoff`` seconds
+    first and twice as long each time after.
+
+    Raises:
+        BrainTumorError: the translated error, when it is not retryable or the retries are spent.
+    """
+    translated = from_triton(error, during=during)
+    if translated.status not in RETRYABLE_STATUSES or attempt >= retries:
+        raise translated from error
+    return backoff * 2**attempt

@@ -60,7 +60,7 @@ def create_app(url: str = "127.0.0.1:8001", model_version: str | None = None, ti
             return _error(413, f"the file is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
         name = file.filename or "upload"
         try:
-            prediction = await run_in_threadpool(classifier.predict, data, None, True)
+            prediction = await run_in_threadpool(classifier.predict, data, explain=True)
             picture = await run_in_threadpool(overlay, data, prediction)
         except InvalidImageError as err:
             return _error(422, str(err).replace("<bytes>", name))

@@ -5,7 +5,7 @@ Training lives in :mod:`braintumor_training`, installed with the ``train`` extra
 """
 
 from braintumor.config import IMAGE_SIZE, LABELS, MODEL_NAME, NO_TUMOR_LABEL
-from braintumor.preprocessing import InvalidImageError, load_image, preprocess, preprocess_batch
+from braintumor.preprocessing import InvalidImageError, Preprocessing, load_image, preprocess, preprocess_batch
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,7 @@ __all__ = [
     "MODEL_NAME",
     "NO_TUMOR_LABEL",
     "InvalidImageError",
+    "Preprocessing",
     "load_image",
     "preprocess",
     "preprocess_batch",

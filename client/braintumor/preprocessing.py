@@ -13,9 +13,12 @@ data (patient data) is neither returned, sent nor written into error messages.
 from __future__ import annotations
 
 import io
+import json
 import warnings
+from dataclasses import asdict, dataclass, fields
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -30,7 +33,19 @@ MAX_PIXELS = 8192 * 8192
 #: Smallest side accepted, in pixels: smaller images hold no usable anatomy.
 MIN_SIDE = 16
 
-__all__ = ["MAX_PIXELS", "MIN_SIDE", "ImageSource", "InvalidImageError", "load_image", "preprocess", "to_grey"]
+__all__ = [
+    "MAX_PIXELS",
+    "MIN_SIDE",
+    "ImageSource",
+    "InvalidImageError",
+    "Preprocessing",
+    "head_box",
+    "load_image",
+    "preprocess",
+    "preprocess_batch",
+    "stretch_intensity",
+    "to_grey",
+]
 
 
 def _is_dicom(head: bytes) -> bool:
@@ -182,13 +197,171 @@ def to_grey(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def preprocess(source: ImageSource, size: int = IMAGE_SIZE, frame: int | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw images become one model version's input: the shared preprocessing, with its parameters.
+
+    Every step is pure Pillow/NumPy and deterministic, so training, evaluation and every client produce
+    bit-identical tensors. The parameters are published with each model version (``preprocessing.json``
+    beside its model, and a ``preprocessing`` parameter of its Triton configuration that the SDK reads), so
+    each served version gets exactly the preprocessing it was trained with.
+
+    Args:
+        size: side of the square output, in pixels.
+        crop_to_head: crop to the head before resizing (:func:`head_box`), so that the framing of the
+            scan (black borders, an off-centre head, a different field of view or pixel aspect) no longer
+            changes what the model sees.
+        normalize_intensity: stretch the cropped image's 1st–99.5th intensity percentiles to 0–255, so
+            that a scanner's or viewer's brightness and contrast no longer change what the model sees.
+    """
+
+    size: int = IMAGE_SIZE
+    crop_to_head: bool = False
+    normalize_intensity: bool = False
+
+    def __call__(self, source: ImageSource, frame: int | None = None) -> np.ndarray:
+        """Turn one image into the model's input tensor: ``uint8`` of shape ``(size, size, 3)``.
+
+        Raises:
+            InvalidImageError: when the input is not a usable image.
+        """
+        return self.apply(to_grey(load_image(source, frame)))[0]
+
+    def apply(self, grey: Image.Image) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+        """Preprocess an 8-bit grey image; also return the box ``(left, top, right, bottom)`` it kept."""
+        box = head_box(grey) if self.crop_to_head else (0, 0, grey.width, grey.height)
+        if box != (0, 0, grey.width, grey.height):
+            grey = grey.crop(box)
+        if self.normalize_intensity:
+            grey = stretch_intensity(grey)
+        if grey.size != (self.size, self.size):
+            grey = grey.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        pixels = np.asarray(grey, dtype=np.uint8)
+        return np.repeat(pixels[:, :, None], CHANNELS, axis=2), box
+
+    def to_dict(self) -> dict[str, int | bool]:
+        """The parameters, as published with a model version."""
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """The parameters as compact JSON (the form of the Triton configuration parameter)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
+        """Parameters published with a model version.
+
+        Raises:
+            ValueError: on an unknown parameter, so that a newer model is never fed older preprocessing.
+        """
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown preprocessing parameters {sorted(unknown)}: upgrade the braintumor SDK")
+        return cls(
+            size=int(values.get("size", IMAGE_SIZE)),
+            crop_to_head=bool(values.get("crop_to_head", False)),
+            normalize_intensity=bool(values.get("normalize_intensity", False)),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Preprocessing:
+        """Parse :meth:`to_json`'s form (see :meth:`from_dict`)."""
+        return cls.from_dict(json.loads(text))
+
+
+#: Side of the thumbnail :func:`head_box` analyses.
+_BOX_THUMBNAIL = 64
+#: Share of the foreground mass :func:`head_box` may leave out on each side (burnt-in text, noise specks).
+_BOX_TAIL = 0.005
+#: Margin added around the head, as a share of its box's side.
+_BOX_MARGIN = 0.03
+
+
+def _main_components(mask: np.ndarray, keep: float = 0.1, max_rounds: int = 512) -> np.ndarray:
+    """The parts of ``mask`` in 4-connected components of at least ``keep`` × the largest one's area.
+
+    Labels spread as the minimum over neighbours until nothing changes (NumPy only; the thumbnails are
+    small), so that burnt-in text, rulers and stray specks apart from the head are dropped.
+    """
+    height, width = mask.shape
+    outside = height * width
+    labels = np.where(mask, np.arange(outside).reshape(height, width), outside)
+    for _ in range(max_rounds):
+        spread = labels.copy()
+        np.minimum(spread[1:], labels[:-1], out=spread[1:])
+        np.minimum(spread[:-1], labels[1:], out=spread[:-1])
+        np.minimum(spread[:, 1:], labels[:, :-1], out=spread[:, 1:])
+        np.minimum(spread[:, :-1], labels[:, 1:], out=spread[:, :-1])
+        spread = np.where(mask, spread, outside)
+        if np.array_equal(spread, labels):
+            break
+        labels = spread
+    ids, sizes = np.unique(labels[mask], return_counts=True)
+    if not len(ids):
+        return mask
+    return np.isin(labels, ids[sizes >= keep * sizes.max()]) & mask
+
+
+def head_box(grey: Image.Image) -> tuple[int, int, int, int]:
+    """The box ``(left, top, right, bottom)`` around the head in an 8-bit grey MRI slice.
+
+    Foreground is what is brighter than 15 % of the way from the background level (1st percentile) to the
+    bright tissue (99th percentile) on a box-filtered thumbnail; the box keeps all but 0.5 % of the
+    foreground on each side, plus a 3 % margin. Foreground parts apart from the head and much smaller than it
+    (burnt-in text, rulers, specks) are left out first.
+    Images without a clear foreground, or whose box would be tiny, keep their full extent.
+    """
+    full = (0, 0, grey.width, grey.height)
+    scale = max(grey.width, grey.height) / _BOX_THUMBNAIL
+    thumb = (
+        grey
+        if scale <= 1
+        else grey.resize((max(1, round(grey.width / scale)), max(1, round(grey.height / scale))), Image.Resampling.BOX)
+    )
+    values = np.asarray(thumb, dtype=np.float32)
+    low, high = np.percentile(values, (1, 99))
+    if high - low < 8:
+        return full
+    mask = _main_components(values > low + 0.15 * (high - low))
+    total = mask.sum()
+    if total == 0:
+        return full
+    box = []
+    for axis, extent in ((0, values.shape[1]), (1, values.shape[0])):
+        mass = np.cumsum(mask.sum(axis=axis)) / total
+        start = int(np.searchsorted(mass, _BOX_TAIL, side="right"))
+        stop = int(np.searchsorted(mass, 1 - _BOX_TAIL, side="left")) + 1
+        margin = (stop - start) * _BOX_MARGIN
+        box.append((max(0.0, start - margin) / extent, min(float(extent), stop + margin) / extent))
+    (x0, x1), (y0, y1) = box
+    left, right = round(x0 * grey.width), round(x1 * grey.width)
+    top, bottom = round(y0 * grey.height), round(y1 * grey.height)
+    if right - left < 0.2 * grey.width or bottom - top < 0.2 * grey.height:
+        return full
+    return left, top, right, bottom
+
+
+def stretch_intensity(grey: Image.Image) -> Image.Image:
+    """Map the 1st and 99.5th intensity percentiles of an 8-bit grey image to 0 and 255 (clipping beyond)."""
+    values = np.asarray(grey, dtype=np.float32)
+    low, high = np.percentile(values, (1, 99.5))
+    if high - low < 1:
+        return grey
+    stretched = np.clip(np.rint((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+    return Image.fromarray(stretched, mode="L")
+
+
+def preprocess(
+    source: ImageSource, size: int = IMAGE_SIZE, frame: int | None = None, preprocessing: Preprocessing | None = None
+) -> np.ndarray:
     """Turn one image into the model's input tensor.
 
     Args:
         source: anything :func:`load_image` accepts.
-        size: side of the square output, in pixels.
+        size: side of the square output, in pixels (when ``preprocessing`` is not given).
         frame: the frame of a multi-frame image.
+        preprocessing: the parameters of the model version the tensor is for; default: a plain resize
+            to ``size`` (the preprocessing of version 1).
 
     Returns:
         A ``uint8`` array of shape ``(size, size, 3)``: the grey image, bilinearly resized, repeated
@@ -197,16 +370,15 @@ def preprocess(source: ImageSource, size: int = IMAGE_SIZE, frame: int | None = 
     Raises:
         InvalidImageError: when the input is not a usable image.
     """
-    grey = to_grey(load_image(source, frame))
-    if grey.size != (size, size):
-        grey = grey.resize((size, size), Image.Resampling.BILINEAR)
-    pixels = np.asarray(grey, dtype=np.uint8)
-    return np.repeat(pixels[:, :, None], CHANNELS, axis=2)
+    return (preprocessing or Preprocessing(size))(source, frame)
 
 
-def preprocess_batch(sources: list[ImageSource], size: int = IMAGE_SIZE) -> np.ndarray:
+def preprocess_batch(
+    sources: list[ImageSource], size: int = IMAGE_SIZE, preprocessing: Preprocessing | None = None
+) -> np.ndarray:
     """Preprocess several images into one ``uint8`` batch of shape ``(n, size, size, 3)``."""
-    batch = np.empty((len(sources), size, size, CHANNELS), dtype=np.uint8)
+    preprocessing = preprocessing or Preprocessing(size)
+    batch = np.empty((len(sources), preprocessing.size, preprocessing.size, CHANNELS), dtype=np.uint8)
     for i, source in enumerate(sources):
-        batch[i] = preprocess(source, size)
+        batch[i] = preprocessing(source)
     return batch

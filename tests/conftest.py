@@ -20,14 +20,14 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory):
-    """A real embedded Triton server on free loopback ports, serving a copy of the committed repository
-    with one extra version (a copy of the latest), so two versions are served side by side."""
+    """A real embedded Triton server on free loopback ports, serving a copy of the committed repository:
+    its two latest versions side by side (version 1, and version 2 with its own preprocessing)."""
     pytest.importorskip("pytriton")
     from helpers import copy_repository, free_ports
 
     from braintumor_serving.triton import ServerConfig, TritonServer
 
-    repository = copy_repository(tmp_path_factory.mktemp("repo") / "model_repository", extra_versions=1)
+    repository = copy_repository(tmp_path_factory.mktemp("repo") / "model_repository", extra_versions=0)
     http, grpc, metrics = free_ports(3)
     config = ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics)
     with TritonServer(config) as running:

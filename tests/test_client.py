@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import subprocess
@@ -19,12 +20,13 @@ from synthetic import random_slice
 
 pytest.importorskip("tritonclient.grpc")
 pydicom = pytest.importorskip("pydicom")
+ort = pytest.importorskip("onnxruntime")
 from pydicom import examples
 
 from braintumor._model_check import check_model
 from braintumor.aio import AsyncTumorClassifier
 from braintumor.classifier import TumorClassifier
-from braintumor.config import IMAGE_SIZE, LABELS
+from braintumor.config import IMAGE_SIZE, LABELS, MODEL_NAME
 from braintumor.errors import (
     BrainTumorError,
     InferenceError,
@@ -33,7 +35,8 @@ from braintumor.errors import (
     ModelNotReadyError,
     ServerUnavailableError,
 )
-from braintumor.preprocessing import preprocess
+from braintumor.model_repository import SERVED_VERSIONS, read_preprocessing
+from braintumor.preprocessing import Preprocessing, preprocess
 
 pytestmark = pytest.mark.slow
 
@@ -71,23 +74,67 @@ def test_pinned_version_answers(triton):
         assert pinned.predict(random_slice(np.random.default_rng(1))).model_version == "1"
 
 
-def test_served_prediction_equals_the_keras_model_on_real_mri(classifier, shared_data):
+def _served_versions(triton) -> dict[int, Preprocessing]:
+    """The versions the server serves (the latest two) and the preprocessing each was trained with."""
+    specs = read_preprocessing(triton.config.repository / MODEL_NAME, IMAGE_SIZE)
+    return {v: specs[v] for v in sorted(specs)[-SERVED_VERSIONS:]}
+
+
+def test_old_and_new_versions_are_served_side_by_side_each_with_its_own_preprocessing(triton):
+    served = _served_versions(triton)
+    assert len(set(served.values())) == 2, f"expected two served versions with different preprocessing: {served}"
+    # A slice framed as another scanner would: small, off-centre, on a wide black border.
+    slice_ = random_slice(np.random.default_rng(5))
+    image = Image.new("L", (320, 320))
+    image.paste(slice_.resize((150, 150)), (40, 120))
+    tensors = {}
+    for version, spec in served.items():
+        with TumorClassifier(triton.config.grpc_url, model_version=str(version)) as pinned:
+            assert pinned.model.preprocessing == spec  # read from the server's model configuration
+            tensors[version] = pinned.preprocess(image)
+            np.testing.assert_array_equal(tensors[version], spec(image))
+            prediction = pinned.predict(image)
+        assert prediction.model_version == str(version)
+        session = ort.InferenceSession(str(triton.config.repository / MODEL_NAME / str(version) / "model.onnx"))
+        expected = session.run(["probabilities"], {"image": tensors[version][None]})[0][0]
+        got = np.array([prediction.probabilities[label] for label in LABELS])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    old, new = sorted(served)
+    assert not np.array_equal(tensors[old], tensors[new])
+    with TumorClassifier(triton.config.grpc_url) as latest:  # unpinned: the latest version and its preprocessing
+        assert latest.model.version == str(new) and latest.model.preprocessing == served[new]
+        assert latest.predict(image).model_version == str(new)
+
+
+def test_an_unpinned_client_follows_a_new_latest_version_once(triton):
+    with TumorClassifier(triton.config.grpc_url) as client:
+        latest = client.model.version
+        # As if the version it connected to had been unloaded since: the server answers NOT_FOUND.
+        client.model = dataclasses.replace(client.model, version="99")
+        assert client.predict(random_slice(np.random.default_rng(6))).model_version == latest
+        assert client.model.version == latest
+    with TumorClassifier(triton.config.grpc_url, model_version="1") as pinned:
+        pinned.model = dataclasses.replace(pinned.model, version="99")
+        with pytest.raises(ModelNotReadyError):
+            pinned.predict(random_slice(np.random.default_rng(6)))
+
+
+def test_served_predictions_equal_each_versions_keras_model_on_real_mri(triton, shared_data):
     tf = pytest.importorskip("tensorflow")
-    from braintumor.config import DEFAULT_TFSERVING_BASE, MODEL_NAME
+    from braintumor.config import DEFAULT_TFSERVING_BASE
     from braintumor_training.dataset import load_arrays, scan_dataset
 
     records = [r for r in scan_dataset(shared_data) if r.split == "Testing"][::131]
-    training_pixels, _ = load_arrays(shared_data, records)
-    sdk_pixels = np.stack([classifier.preprocess(shared_data / r.path) for r in records])
-    assert np.array_equal(sdk_pixels, training_pixels)  # bit-exact: one preprocessing
-
-    version = max(int(p.name) for p in (DEFAULT_TFSERVING_BASE / MODEL_NAME).iterdir() if p.name.isdigit())
-    keras_model = tf.saved_model.load(str(DEFAULT_TFSERVING_BASE / MODEL_NAME / str(version)))
-    expected = keras_model.signatures["serving_default"](image=tf.constant(training_pixels))["probabilities"].numpy()
-    with TumorClassifier(classifier.url, model_version="1") as v1:
-        served = [v1.predict(shared_data / r.path) for r in records]
-    got = np.array([[p.probabilities[label] for label in LABELS] for p in served])
-    assert np.abs(got - expected).max() <= 1e-4
+    for version, spec in _served_versions(triton).items():
+        training_pixels, _ = load_arrays(shared_data, records, preprocessing=spec)
+        with TumorClassifier(triton.config.grpc_url, model_version=str(version)) as pinned:
+            sdk_pixels = np.stack([pinned.preprocess(shared_data / r.path) for r in records])
+            assert np.array_equal(sdk_pixels, training_pixels)  # bit-exact: one preprocessing
+            served = [pinned.predict(shared_data / r.path) for r in records]
+        keras_model = tf.saved_model.load(str(DEFAULT_TFSERVING_BASE / MODEL_NAME / str(version)))
+        expected = keras_model.signatures["serving_default"](image=tf.constant(training_pixels))["probabilities"]
+        got = np.array([[p.probabilities[label] for label in LABELS] for p in served])
+        assert np.abs(got - expected.numpy()).max() <= 1e-4, version
 
 
 @pytest.mark.parametrize(

@@ -19,10 +19,13 @@ ort = pytest.importorskip("onnxruntime")
 
 from braintumor.cli import main
 from braintumor.config import HEATMAP_NAME, INPUT_NAME, LABELS, OUTPUT_NAME
+from braintumor.preprocessing import Preprocessing
 from braintumor_training.train import TrainConfig, TrainingError, train
 
 pytestmark = pytest.mark.slow
 SIZE = 32
+#: The tiny run uses the preprocessing of version 2 (crop to the head, intensity normalisation).
+PREPROCESSING_FLAGS = ["--crop-to-head", "--normalize-intensity"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--image-size", str(SIZE)]) == 0
+    command = ["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--image-size", str(SIZE)]
+    assert main([*command, *PREPROCESSING_FLAGS]) == 0
     assert main(["evaluate", str(out)]) == 0
     return out
 
@@ -51,8 +55,11 @@ def test_run_folder_has_audit_checkpoints_and_logs(run_dir):
 
 
 def test_finished_or_differently_configured_runs_are_not_overwritten(run_dir, data):
-    config = TrainConfig(data_dir=str(data), out_dir=str(run_dir), epochs=2, image_size=SIZE)
-    assert main(["train", "--data", str(data), "--out", str(run_dir), "--epochs", "2", "--image-size", str(SIZE)]) == 2
+    config = TrainConfig(
+        data_dir=str(data), out_dir=str(run_dir), epochs=2, image_size=SIZE, crop_to_head=True, normalize_intensity=True
+    )
+    command = ["train", "--data", str(data), "--out", str(run_dir), "--epochs", "2", "--image-size", str(SIZE)]
+    assert main([*command, *PREPROCESSING_FLAGS]) == 2
     with pytest.raises(TrainingError, match="finished run"):
         train(config)
     config.epochs = 3
@@ -99,10 +106,19 @@ def test_export_publishes_verified_versions(run_dir, tmp_path):
     assert main(args) == 0
     model_dir = repo / "braintumor"
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "config.pbtxt", "configs", "labels.txt"]
-    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["metrics.json", "model-card.md", "model.onnx"]
+    files = ["metrics.json", "model-card.md", "model.onnx", "preprocessing.json"]
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == files
     assert (model_dir / "labels.txt").read_text().split() == list(LABELS)
     config = (model_dir / "config.pbtxt").read_text()
     assert f"dims: [ {SIZE}, {SIZE}, 3 ]" in config and 'label_filename: "labels.txt"' in config
+    # Each version's preprocessing travels with it: in its folder, and in both configurations for clients.
+    spec = Preprocessing(SIZE, crop_to_head=True, normalize_intensity=True)
+    for version in ("1", "2"):
+        assert Preprocessing.from_json((model_dir / version / "preprocessing.json").read_text()) == spec
+        assert Preprocessing.from_json((tfs / "braintumor" / version / "preprocessing.json").read_text()) == spec
+    for text in (config, (model_dir / "configs" / "cpu.pbtxt").read_text()):
+        for version in ("1", "2"):
+            assert f'key: "preprocessing/{version}"' in text
 
     metrics = json.loads((model_dir / "2" / "metrics.json").read_text())
     for key in ("accuracy", "macro_f1", "tumor_sensitivity", "tumor_specificity"):
@@ -111,6 +127,7 @@ def test_export_publishes_verified_versions(run_dir, tmp_path):
     assert metrics["export_parity"]["max_abs_diff"] <= 1e-4
     card = (model_dir / "2" / "model-card.md").read_text()
     assert "not a diagnostic device" in card.replace("*", "") and "braintumor train" in card and "leak-free" in card
+    assert "crop to the head" in card and "Against version 1" in card
 
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"))
     (inp,), outputs = session.get_inputs(), session.get_outputs()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from braintumor.config import CHANNELS, HEATMAP_NAME, INPUT_NAME, LABELS, OUTPUT_NAME
 from braintumor.errors import ModelMismatchError
+from braintumor.model_repository import PREPROCESSING_PARAMETER
 from braintumor.prediction import Prediction
+from braintumor.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,9 @@ class ServedModel:
         image_size: side of the square input the model takes.
         max_batch_size: largest batch per request.
         heatmap_size: side of the Grad-CAM grid the model returns, or 0 when it returns none.
+        version: the version requests go to: the one pinned, else the latest served at connect time.
+        preprocessing: the preprocessing that version was trained with (from the model configuration's
+            ``preprocessing/<version>`` parameter; a plain resize when there is none).
     """
 
     name: str
@@ -29,10 +34,34 @@ class ServedModel:
     image_size: int
     max_batch_size: int
     heatmap_size: int = 0
+    version: str = ""
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
 
-def check_model(metadata: dict[str, Any], config: dict[str, Any]) -> ServedModel:
+def _preprocessing(config: dict[str, Any], version: str, image_size: int) -> Preprocessing:
+    parameter = config.get("parameters", {}).get(f"{PREPROCESSING_PARAMETER}{version}")
+    if parameter is None:
+        return Preprocessing(image_size)
+    try:
+        preprocessing = Preprocessing.from_json(parameter.get("string_value", ""))
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise ModelMismatchError(f"version {version}'s preprocessing parameter cannot be used: {err}") from err
+    if preprocessing.size != image_size:
+        raise ModelMismatchError(
+            f"version {version}'s preprocessing makes {preprocessing.size}-pixel images, the model takes {image_size}"
+        )
+    return preprocessing
+
+
+def check_model(metadata: dict[str, Any], config: dict[str, Any], version: str = "") -> ServedModel:
     """Validate model metadata and configuration (as JSON dictionaries from tritonclient).
+
+    Args:
+        metadata: the model metadata.
+        config: the model configuration.
+        version: the version pinned by the client; ``""`` resolves to the latest version the metadata lists
+            (the one Triton answers unversioned requests with), so that the SDK knows which version's
+            preprocessing to apply, and sends to that version.
 
     Raises:
         ModelMismatchError: naming exactly what differs.
@@ -71,12 +100,18 @@ def check_model(metadata: dict[str, Any], config: dict[str, Any]) -> ServedModel
             heatmap_size = dims[2]
     if problems:
         raise ModelMismatchError(f"model {name} does not match this SDK: " + "; ".join(problems))
+    listed = tuple(metadata.get("versions", []))
+    numeric = [v for v in listed if v.isdigit()]
+    resolved = version or (max(numeric, key=int) if numeric else "")
+    image_size = int(image["shape"][1])
     return ServedModel(
         name=name,
-        versions=tuple(metadata.get("versions", [])),
-        image_size=int(image["shape"][1]),
+        versions=listed,
+        image_size=image_size,
         max_batch_size=int(config.get("max_batch_size", 1)) or 1,
         heatmap_size=heatmap_size,
+        version=resolved,
+        preprocessing=_preprocessing(config, resolved, image_size),
     )
 
 

@@ -20,7 +20,7 @@ from braintumor._model_check import ServedModel, check_model, requested_outputs,
 from braintumor.config import INPUT_NAME, MODEL_NAME
 from braintumor.errors import BrainTumorError, ModelNotReadyError, from_triton, retry_delay
 from braintumor.prediction import Prediction
-from braintumor.preprocessing import ImageSource, preprocess
+from braintumor.preprocessing import ImageSource
 
 T = TypeVar("T")
 
@@ -85,7 +85,7 @@ class AsyncTumorClassifier:
             lambda: self._client.get_model_config(self.model_name, version, as_json=True, client_timeout=self.timeout),
             during,
         )
-        self.model = check_model(metadata, config["config"])
+        self.model = check_model(metadata, config["config"], version)
         return self.model
 
     async def wait_until_ready(self, timeout: float = 60.0) -> ServedModel:
@@ -131,7 +131,7 @@ class AsyncTumorClassifier:
             lambda: self._client.infer(
                 self.model_name,
                 [inp],
-                model_version=self.model_version or "",
+                model_version=served.version,
                 outputs=outputs,
                 client_timeout=self.timeout,
             ),
@@ -142,10 +142,21 @@ class AsyncTumorClassifier:
     async def predict(
         self, image: ImageSource, frame: int | None = None, explain: bool = False, explain_label: str | None = None
     ) -> Prediction:
-        """Classify one image; decoding runs in a worker thread. ``explain`` adds its Grad-CAM map."""
-        served = self.model or await self.connect()
-        pixels = await asyncio.to_thread(preprocess, image, served.image_size, frame)
-        return (await self.predict_pixels(pixels[None], explain, explain_label))[0]
+        """Classify one image; decoding runs in a worker thread. ``explain`` adds its Grad-CAM map.
+
+        As with ``TumorClassifier``, an unpinned client follows a new latest version once when the version it
+        sent to is no longer served.
+        """
+        for attempt in (0, 1):
+            served = self.model or await self.connect()
+            pixels = await asyncio.to_thread(served.preprocessing, image, frame)
+            try:
+                return (await self.predict_pixels(pixels[None], explain, explain_label))[0]
+            except ModelNotReadyError:
+                if self.model_version or attempt:
+                    raise
+                await self.connect()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def predict_batch(self, images: Sequence[ImageSource]) -> list[Prediction]:
         """Classify several images concurrently (batch-1 requests that Triton batches); input order kept."""

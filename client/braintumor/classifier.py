@@ -26,7 +26,7 @@ from braintumor.errors import (
     retry_delay,
 )
 from braintumor.prediction import Prediction
-from braintumor.preprocessing import ImageSource, preprocess
+from braintumor.preprocessing import ImageSource
 
 T = TypeVar("T")
 Strategy = Literal["packed", "concurrent"]
@@ -38,7 +38,9 @@ class TumorClassifier:
     Args:
         url: the server's gRPC ``host:port``.
         model_name: the served model.
-        model_version: a version to pin, or ``None`` for the server's latest.
+        model_version: a version to pin, or ``None`` for the latest version the server serves when the
+            client connects (requests then go to that version, whose preprocessing the client applies;
+            when the server stops serving it, the client reconnects to the new latest once and retries).
         timeout: deadline of each call, in seconds.
         retries: further attempts after a retryable failure.
         backoff: first wait between attempts, in seconds (doubles each time).
@@ -122,7 +124,7 @@ class TumorClassifier:
             ),
             during,
         )
-        self.model = check_model(metadata, config["config"])
+        self.model = check_model(metadata, config["config"], self._version)
         return self.model
 
     def wait_until_ready(self, timeout: float = 60.0) -> ServedModel:
@@ -160,9 +162,21 @@ class TumorClassifier:
     def _served(self) -> ServedModel:
         return self.model or self.connect()
 
+    def _following_latest(self, call: Callable[[], T]) -> T:
+        """Run ``call``; when the version it went to is no longer served (and none is pinned), reconnect to
+        the new latest version and run it once more (``call`` preprocesses again for that version)."""
+        try:
+            return call()
+        except ModelNotReadyError:
+            if self.model_version or self.model is None:
+                raise
+            self.connect()
+            return call()
+
     def preprocess(self, image: ImageSource, frame: int | None = None) -> np.ndarray:
-        """The tensor this client sends for ``image`` (the shared preprocessing at the served image size)."""
-        return preprocess(image, self._served().image_size, frame)
+        """The tensor this client sends for ``image``: the shared preprocessing, with the parameters of the
+        version requests go to (:attr:`ServedModel.preprocessing`)."""
+        return self._served().preprocessing(image, frame)
 
     def predict_pixels(
         self, pixels: np.ndarray, explain: bool = False, explain_label: str | None = None
@@ -179,14 +193,15 @@ class TumorClassifier:
             DeadlineExceededError: when it does not answer within the deadline.
             ModelMismatchError: when an explanation is asked of a model that serves none.
         """
-        names = requested_outputs(self._served(), explain, explain_label)
+        served = self._served()
+        names = requested_outputs(served, explain, explain_label)
         inp = grpcclient.InferInput(INPUT_NAME, list(pixels.shape), "UINT8")
         inp.set_data_from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8))
         outputs = [grpcclient.InferRequestedOutput(name) for name in names]
         start = time.perf_counter()
         result = self._call(
             lambda: self._client.infer(
-                self.model_name, [inp], model_version=self._version, outputs=outputs, client_timeout=self.timeout
+                self.model_name, [inp], model_version=served.version, outputs=outputs, client_timeout=self.timeout
             ),
             f"classifying with {self.model_name} at {self.url}",
         )
@@ -200,7 +215,9 @@ class TumorClassifier:
         Raises:
             InvalidImageError: when the image cannot be used; nothing is sent.
         """
-        return self.predict_pixels(self.preprocess(image, frame)[None], explain, explain_label)[0]
+        return self._following_latest(
+            lambda: self.predict_pixels(self.preprocess(image, frame)[None], explain, explain_label)[0]
+        )
 
     def predict_batch(
         self, images: Sequence[ImageSource], strategy: Strategy = "concurrent", workers: int = 8
@@ -218,10 +235,13 @@ class TumorClassifier:
         Raises:
             InvalidImageError: when any image cannot be used (raised before anything is sent).
         """
-        served = self._served()
-        pixels = np.stack([self.preprocess(image) for image in images]) if images else np.zeros((0,))
         if not len(images):
             return []
+        return self._following_latest(lambda: self._predict_batch(images, strategy, workers))
+
+    def _predict_batch(self, images: Sequence[ImageSource], strategy: Strategy, workers: int) -> list[Prediction]:
+        served = self._served()
+        pixels = np.stack([self.preprocess(image) for image in images])
         if strategy == "packed":
             step = served.max_batch_size
             chunks = [pixels[i : i + step] for i in range(0, len(pixels), step)]

@@ -56,6 +56,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         collapse_grace_epochs=args.collapse_grace_epochs,
         augmentation=args.augmentation,
+        crop_to_head=args.crop_to_head,
+        normalize_intensity=args.normalize_intensity,
     )
     try:
         train(config, command=args.command_line)
@@ -111,8 +113,14 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     _require_training(tensorflow=False)
     import json
 
-    from braintumor.model_repository import versions
-    from braintumor_training.robustness import evaluate_robustness, render_table, write_report
+    from braintumor.model_repository import read_preprocessing, versions
+    from braintumor_training.robustness import (
+        Robustness,
+        evaluate_robustness,
+        render_comparison,
+        render_table,
+        write_report,
+    )
 
     model_dir = Path(args.repository) / args.model_name
     published = versions(model_dir)
@@ -121,13 +129,42 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
         print(f"braintumor robustness: version {version} of {args.model_name} is not published", file=sys.stderr)
         return 2
     folder = model_dir / str(version)
-    leak_free = set(json.loads((folder / "metrics.json").read_text()).get("leak_free_test_images", []))
-    result = evaluate_robustness(folder / "model.onnx", Path(args.data), leak_free, seed=args.seed, limit=args.limit)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    leak_free = set(metrics.get("leak_free_test_images", []))
+    preprocessing = read_preprocessing(model_dir, int(metrics.get("image_size", 0)) or IMAGE_SIZE)[version]
+    result = evaluate_robustness(
+        folder / "model.onnx", Path(args.data), leak_free, seed=args.seed, limit=args.limit, preprocessing=preprocessing
+    )
+    result = Robustness(f"{args.model_name} version {version}", result.metrics, result.preprocessing)
     out = Path(args.out or f"docs/robustness/v{version}")
     write_report(result, out)
     print(render_table(result, "test_leak_free"))
     print(f"Wrote {out}/robustness.json, robustness.md and robustness.png")
+    baseline = Path(args.compare_with or f"docs/robustness/v{version - 1}") / "robustness.json"
+    if version > 1 and baseline.exists():
+        before = Robustness.from_dict(json.loads(baseline.read_text()))
+        comparison = render_comparison(before, result, (f"v{version - 1}", f"v{version}"))
+        title = f"# Robustness: version {version} against version {version - 1}"
+        (out / "comparison.md").write_text(f"{title}\n\n{comparison}")
+        print(comparison)
+        if args.limit is None:  # only a full evaluation goes into the model card
+            _card_section(folder / "model-card.md", "## Robustness to scanner and acquisition shifts", comparison)
+            print(f"Wrote {out}/comparison.md and its section of {folder}/model-card.md")
     return 0
+
+
+def _card_section(card: Path, heading: str, body: str) -> None:
+    """Put ``body`` under ``heading`` in a model card, replacing that section when it is already there."""
+    text = card.read_text()
+    section = f"{heading}\n\nSeeded shifts of the Testing images (see `braintumor robustness`).\n\n{body}\n"
+    if heading in text:
+        start = text.index(heading)
+        following = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + (text[following + 1 :] if following >= 0 else "")
+    else:
+        marker = text.find("\n## Known limitations")
+        text = (text[: marker + 1] + section + "\n" + text[marker + 1 :]) if marker >= 0 else text + "\n" + section
+    card.write_text(text)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -264,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="augmentation profile: v1 (mild) or robust (contrast, gamma, bias field, noise, framing)",
     )
     p.add_argument(
+        "--crop-to-head",
+        action="store_true",
+        help="preprocessing crops each image to the head (undoes borders, off-centre framing, pixel aspect)",
+    )
+    p.add_argument(
+        "--normalize-intensity",
+        action="store_true",
+        help="preprocessing stretches each image's intensity percentiles (undoes brightness and contrast)",
+    )
+    p.add_argument(
         "--collapse-grace-epochs", type=int, default=5, help="epochs before a constant-output model stops the run"
     )
     p.set_defaults(func=_cmd_train)
@@ -293,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: docs/robustness/v<N>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use about this many Testing images (quick runs)")
+    p.add_argument(
+        "--compare-with",
+        default=None,
+        help="report folder of the version to compare with (default: docs/robustness/v<N-1>)",
+    )
     p.set_defaults(func=_cmd_robustness)
 
     p = sub.add_parser("serve", help="run the model repository on the embedded Triton server (CPU)")

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from braintumor.prediction import Prediction
-from braintumor.preprocessing import ImageSource, load_image, to_grey
+from braintumor.preprocessing import ImageSource, Preprocessing, head_box, load_image, to_grey
 
 #: Colour map anchors (value, RGB), a perceptually ordered dark-blue → red → yellow ramp.
 _ANCHORS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -27,7 +27,12 @@ def upsample(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def overlay(
-    source: ImageSource, prediction: Prediction, alpha: float = 0.55, max_side: int = 512, frame: int | None = None
+    source: ImageSource,
+    prediction: Prediction,
+    alpha: float = 0.55,
+    max_side: int = 512,
+    frame: int | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> Image.Image:
     """The slice in grey with the prediction's Grad-CAM map blended on top.
 
@@ -37,6 +42,8 @@ def overlay(
         alpha: opacity of the heatmap where it is strongest.
         max_side: the overlay is scaled down so that its longer side is at most this.
         frame: the frame of a multi-frame image.
+        preprocessing: the preprocessing of the version that answered (``ServedModel.preprocessing``): when
+            it crops to the head, the map covers that crop only, and is drawn there.
 
     Raises:
         ValueError: when the prediction carries no heatmap.
@@ -44,10 +51,14 @@ def overlay(
     if prediction.heatmap is None:
         raise ValueError("this prediction has no heatmap: predict with explain=True")
     grey = to_grey(load_image(source, frame))
+    left, top, right, bottom = head_box(grey) if preprocessing and preprocessing.crop_to_head else (0, 0, *grey.size)
     scale = min(1.0, max_side / max(grey.size))
     if scale < 1.0:
         grey = grey.resize((round(grey.width * scale), round(grey.height * scale)), Image.Resampling.BILINEAR)
-    heat = upsample(prediction.heatmap, grey.size)
+        left, top, right, bottom = (round(v * scale) for v in (left, top, right, bottom))
+    heat = np.zeros((grey.height, grey.width))
+    if right > left and bottom > top:
+        heat[top:bottom, left:right] = upsample(prediction.heatmap, (right - left, bottom - top))
     base = np.repeat(np.asarray(grey, dtype=np.float64)[:, :, None], 3, axis=2)
     weight = (alpha * heat)[:, :, None]
     blended = (1.0 - weight) * base + weight * colourise(heat)

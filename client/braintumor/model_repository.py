@@ -8,9 +8,13 @@ Layout (one folder per model)::
                             # onnxruntime_python backend, running the same model.onnx
         labels.txt          # one label per line, in output order (Triton's classification extension)
         <N>/model.onnx      # version N: uint8 pixels in, calibrated probabilities out
+        <N>/preprocessing.json  # the preprocessing version N was trained with (braintumor.preprocessing)
         <N>/model-card.md, <N>/metrics.json
 
-Both configurations are generated here from the same constants, so they cannot drift apart.
+Both configurations are generated here from the same constants, so they cannot drift apart. Each version's
+``preprocessing.json`` is also rendered into both as a ``preprocessing/<N>`` parameter: Triton's model
+configuration is shared by all versions, and this is how a client learns, from the server alone, the
+preprocessing of the version it talks to.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from braintumor.config import CHANNELS, HEATMAP_NAME, INPUT_NAME, LABELS, MAX_BATCH_SIZE, OUTPUT_NAME
+from braintumor.preprocessing import Preprocessing
 
 LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.pbtxt"
 CPU_CONFIG_NAME = "cpu"
 MODEL_FILE = "model.onnx"
+PREPROCESSING_FILE = "preprocessing.json"
+#: Prefix of the model configuration parameters that carry each version's preprocessing.
+PREPROCESSING_PARAMETER = "preprocessing/"
 #: Versions served side by side by default (Triton version policy ``latest``).
 SERVED_VERSIONS = 2
 
@@ -40,8 +48,31 @@ def next_version(model_dir: Path) -> int:
     return published[-1] + 1 if published else 1
 
 
+def read_preprocessing(model_dir: Path, image_size: int) -> dict[int, Preprocessing]:
+    """Each published version's preprocessing (a version without ``preprocessing.json``: a plain resize)."""
+    found = {}
+    for version in versions(model_dir):
+        path = model_dir / str(version) / PREPROCESSING_FILE
+        found[version] = Preprocessing.from_json(path.read_text()) if path.exists() else Preprocessing(image_size)
+    return found
+
+
+def _preprocessing_parameters(preprocessing: dict[int, Preprocessing]) -> str:
+    lines = []
+    for version, spec in sorted(preprocessing.items()):
+        value = spec.to_json().replace("\\", "\\\\").replace('"', '\\"')
+        lines.append(f'parameters {{ key: "{PREPROCESSING_PARAMETER}{version}" value: {{ string_value: "{value}" }} }}')
+    return "".join(line + "\n" for line in lines)
+
+
 def _common(
-    model_name: str, backend: str, image_size: int, max_batch_size: int, served_versions: int, heatmap_size: int
+    model_name: str,
+    backend: str,
+    image_size: int,
+    max_batch_size: int,
+    served_versions: int,
+    heatmap_size: int,
+    preprocessing: dict[int, Preprocessing] | None = None,
 ) -> str:
     warmups = "\n".join(
         f"""  {{
@@ -83,7 +114,9 @@ version_policy: {{ latest: {{ num_versions: {served_versions} }} }}
 model_warmup [
 {warmups}
 ]
-"""
+# The preprocessing each version was trained with (JSON); the braintumor SDK applies the one of the version
+# it sends to.
+{_preprocessing_parameters(preprocessing or {})}"""
 
 
 def render_gpu_config(
@@ -92,11 +125,12 @@ def render_gpu_config(
     heatmap_size: int,
     max_batch_size: int = MAX_BATCH_SIZE,
     served_versions: int = SERVED_VERSIONS,
+    preprocessing: dict[int, Preprocessing] | None = None,
 ) -> str:
     """``config.pbtxt`` for the official Triton container: onnxruntime backend, TensorRT accelerator."""
     return (
         "# GPU Triton (official container): ONNX Runtime with the TensorRT execution provider.\n"
-        + _common(model_name, "onnxruntime", image_size, max_batch_size, served_versions, heatmap_size)
+        + _common(model_name, "onnxruntime", image_size, max_batch_size, served_versions, heatmap_size, preprocessing)
         + """instance_group [ { count: 2, kind: KIND_GPU } ]
 dynamic_batching {
   preferred_batch_size: [ 8, 16, 32 ]
@@ -134,6 +168,7 @@ def render_cpu_config(
     served_versions: int = SERVED_VERSIONS,
     instances: int = 2,
     intra_op_threads: int = 1,
+    preprocessing: dict[int, Preprocessing] | None = None,
 ) -> str:
     """``configs/cpu.pbtxt`` for the embedded CPU server (python-based ``onnxruntime_python`` backend).
 
@@ -143,7 +178,9 @@ def render_cpu_config(
     """
     return (
         "# Embedded CPU Triton (braintumor serve): the same model.onnx through ONNX Runtime in the python backend.\n"
-        + _common(model_name, "onnxruntime_python", image_size, max_batch_size, served_versions, heatmap_size)
+        + _common(
+            model_name, "onnxruntime_python", image_size, max_batch_size, served_versions, heatmap_size, preprocessing
+        )
         + f"""instance_group [ {{ count: {instances}, kind: KIND_CPU }} ]
 # No queue delay: a request runs at once when the instance is idle (low latency at low load); while it is
 # busy, the requests that arrive queue up and run together as the next batch (throughput at high load).
@@ -165,7 +202,12 @@ parameters {{ key: "graph_optimization_level" value: {{ string_value: "all" }} }
 
 
 def write_model_files(
-    model_dir: Path, model_name: str, image_size: int, heatmap_size: int, served_versions: int = SERVED_VERSIONS
+    model_dir: Path,
+    model_name: str,
+    image_size: int,
+    heatmap_size: int,
+    served_versions: int = SERVED_VERSIONS,
+    new_versions: dict[int, Preprocessing] | None = None,
 ) -> None:
     """Write ``labels.txt``, ``config.pbtxt`` (GPU) and ``configs/cpu.pbtxt`` beside the model's versions.
 
@@ -175,11 +217,17 @@ def write_model_files(
         image_size: side of the model's square input.
         heatmap_size: side of the Grad-CAM grid the model outputs.
         served_versions: how many of the latest versions Triton serves side by side.
+        new_versions: preprocessing of versions about to be published (not in ``model_dir`` yet).
     """
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / LABELS_FILE).write_text("\n".join(LABELS) + "\n")
-    gpu = render_gpu_config(model_name, image_size, heatmap_size, served_versions=served_versions)
-    cpu = render_cpu_config(model_name, image_size, heatmap_size, served_versions=served_versions)
+    preprocessing = {**read_preprocessing(model_dir, image_size), **(new_versions or {})}
+    gpu = render_gpu_config(
+        model_name, image_size, heatmap_size, served_versions=served_versions, preprocessing=preprocessing
+    )
+    cpu = render_cpu_config(
+        model_name, image_size, heatmap_size, served_versions=served_versions, preprocessing=preprocessing
+    )
     (model_dir / CONFIG_FILE).write_text(gpu)
     (model_dir / "configs").mkdir(exist_ok=True)
     (model_dir / "configs" / f"{CPU_CONFIG_NAME}.pbtxt").write_text(cpu)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from braintumor.config import IMAGE_SIZE, IMAGE_SUFFIXES, LABELS
-from braintumor.preprocessing import preprocess
+from braintumor.preprocessing import Preprocessing
 
 TRAIN_SPLIT = "Training"
 TEST_SPLIT = "Testing"
@@ -66,19 +66,31 @@ def scan_dataset(data_dir: Path, splits: Sequence[str] = (TRAIN_SPLIT, TEST_SPLI
 
 
 def load_arrays(
-    data_dir: Path, records: Iterable[ImageRecord], size: int = IMAGE_SIZE, workers: int = 4
+    data_dir: Path,
+    records: Iterable[ImageRecord],
+    size: int = IMAGE_SIZE,
+    workers: int = 4,
+    preprocessing: Preprocessing | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocess ``records`` with the client SDK's :func:`~braintumor.preprocessing.preprocess`.
+    """Preprocess ``records`` with the client SDK's :class:`~braintumor.preprocessing.Preprocessing`.
+
+    Args:
+        data_dir: dataset root.
+        records: the images.
+        size: side of the output when ``preprocessing`` is not given (then a plain resize).
+        workers: preprocessing threads.
+        preprocessing: the model version's preprocessing parameters.
 
     Returns:
         ``(pixels, labels)``: uint8 ``(n, size, size, 3)`` and int32 ``(n,)``.
     """
     records = list(records)
     data_dir = Path(data_dir)
-    pixels = np.empty((len(records), size, size, 3), dtype=np.uint8)
+    preprocessing = preprocessing or Preprocessing(size)
+    pixels = np.empty((len(records), preprocessing.size, preprocessing.size, 3), dtype=np.uint8)
 
     def _one(i: int) -> None:
-        pixels[i] = preprocess(data_dir / records[i].path, size)
+        pixels[i] = preprocessing(data_dir / records[i].path)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(_one, range(len(records))))

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 from braintumor.config import LABELS
 from braintumor_training.dataset import TEST_SPLIT, ImageRecord, load_arrays, scan_dataset
 from braintumor_training.metrics import calibrated, classification_metrics, fit_temperature
-from braintumor_training.train import BEST_CHECKPOINT
+from braintumor_training.train import BEST_CHECKPOINT, run_preprocessing
 
 EVALUATION_DIR = "evaluation"
 
@@ -166,10 +166,11 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
     data_dir = Path(data_dir or config["data_dir"])
     model = load_classifier(run_dir)
     size = int(config["image_size"])
+    preprocessing = run_preprocessing(config)
     logits: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
     for name, records in run_sets(data_dir, audit).items():
-        pixels, labels[name] = load_arrays(data_dir, records, size)
+        pixels, labels[name] = load_arrays(data_dir, records, preprocessing=preprocessing)
         logits[name] = model.predict(pixels.astype(np.float32), batch_size=64, verbose=0)
 
     temperature = fit_temperature(logits["validation"], labels["validation"])

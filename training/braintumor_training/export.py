@@ -25,10 +25,18 @@ import onnxruntime as ort
 import tensorflow as tf
 
 from braintumor.config import HEATMAP_NAME, INPUT_NAME, LABELS, MODEL_NAME, OUTPUT_NAME
-from braintumor.model_repository import MODEL_FILE, SERVED_VERSIONS, next_version, write_model_files
+from braintumor.model_repository import (
+    MODEL_FILE,
+    PREPROCESSING_FILE,
+    SERVED_VERSIONS,
+    next_version,
+    write_model_files,
+)
+from braintumor.preprocessing import Preprocessing
 from braintumor_training.dataset import load_arrays
 from braintumor_training.evaluate import EVALUATION_DIR, load_classifier, load_run, run_sets, summary_rows
 from braintumor_training.model import build_served_model, feature_model
+from braintumor_training.train import run_preprocessing
 
 #: What each augmentation profile does, for the model card.
 AUGMENTATION_DESCRIPTIONS = {
@@ -186,6 +194,36 @@ def export_saved_model(served: keras.Model, path: Path, classifier: keras.Model 
     return text
 
 
+def describe_preprocessing(preprocessing: Preprocessing) -> str:
+    """One phrase saying what a version's preprocessing does (for its model card)."""
+    steps = ["decode, convert to 8-bit grey"]
+    if preprocessing.crop_to_head:
+        steps.append("crop to the head (borders, off-centre framing and pixel aspect undone)")
+    if preprocessing.normalize_intensity:
+        steps.append("stretch the 1st–99.5th intensity percentiles to 0–255 (brightness and contrast undone)")
+    steps.append(f"resize to {preprocessing.size}×{preprocessing.size} (bilinear)")
+    return ", ".join(steps) + f" (`{PREPROCESSING_FILE}`: `{preprocessing.to_json()}`)"
+
+
+def compare_with_previous(version: int, metrics: dict[str, Any], previous: dict[str, Any] | None) -> list[str]:
+    """Markdown lines comparing the clean results with the previous version's published ones."""
+    if not previous:
+        return []
+    lines = [
+        f"Against version {version - 1} (clean images; Δ in points):",
+        "",
+        "| set | accuracy | Δ | tumor sensitivity | Δ | tumor specificity | Δ |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("test", "test_leak_free"):
+        now, before = metrics[name], previous[name]
+        cells = []
+        for key in ("accuracy", "tumor_sensitivity", "tumor_specificity"):
+            cells += [f"{now[key]:.4f}", f"{100 * (now[key] - before[key]):+.2f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def render_model_card(
     model_name: str,
     version: int,
@@ -195,8 +233,9 @@ def render_model_card(
     config: dict[str, Any],
     parity: dict[str, float],
     gate: QualityGate,
+    previous: dict[str, Any] | None = None,
 ) -> str:
-    """The model card published with a version."""
+    """The model card published with a version (``previous``: the published metrics of the version before)."""
     sessions = run.get("sessions", [])
     seconds = run.get("total_train_seconds", 0.0)
     last = sessions[-1] if sessions else {}
@@ -222,7 +261,9 @@ def render_model_card(
             "scratch (no pretrained weights)"
             + (f" starting from `{config['weights']}`" if config.get("weights") else "")
             + f", input {config['image_size']}×{config['image_size']} grey pixels repeated over 3 channels (uint8, "
-            "scaled inside the model), output temperature-calibrated class probabilities and, for every class, a "
+            "scaled inside the model) made by the shared preprocessing: "
+            + describe_preprocessing(run_preprocessing(config))
+            + "; output temperature-calibrated class probabilities and, for every class, a "
             "Grad-CAM map over the last convolution's grid (scaled to [0, 1]) showing where the evidence for that "
             "class lies. The tumor probability is 1 − p(notumor).",
             "",
@@ -278,6 +319,7 @@ def render_model_card(
             "",
             *[f"- {name}: {'met' if ok else '**not met**'}" for name, ok in targets],
             "",
+            *compare_with_previous(version, metrics, previous),
             f"Export checks: ONNX Runtime equals Keras on {parity['images']} Testing images (max |Δp| "
             f"{parity['max_abs_diff']:.1e}, {parity['argmax_mismatches']} different predictions; Grad-CAM maps "
             f"within {parity.get('heatmap_max_abs_diff', float('nan')):.1e}); quality gate "
@@ -329,7 +371,8 @@ def export_run(
     data_dir = Path(data_dir or config["data_dir"])
     classifier = load_classifier(run_dir)
     served = build_served_model(classifier, metrics["temperature"])
-    pixels, _ = load_arrays(data_dir, run_sets(data_dir, audit)["test"], int(config["image_size"]))
+    preprocessing = run_preprocessing(config)
+    pixels, _ = load_arrays(data_dir, run_sets(data_dir, audit)["test"], preprocessing=preprocessing)
 
     model_dir = Path(repository) / model_name
     version = next_version(model_dir)
@@ -355,6 +398,8 @@ def export_run(
             raise ExportError(f"{tf_dir} already exists: the TF-Serving base is out of step with the repository")
         tf_staging = staging / "saved_model"
         export_saved_model(served, tf_staging, classifier)
+        for folder in (staging, tf_staging):
+            (folder / PREPROCESSING_FILE).write_text(preprocessing.to_json() + "\n")
 
         published = {k: metrics[k] for k in ("validation", "test", "test_leak_free", "temperature", "image_size")}
         published["export_parity"] = parity
@@ -365,12 +410,25 @@ def export_run(
             "commands": [x.get("command") for x in run.get("sessions", [])],
         }
         (staging / "metrics.json").write_text(json.dumps(published, indent=1))
+        previous = model_dir / str(version - 1) / "metrics.json"
         (staging / "model-card.md").write_text(
-            render_model_card(model_name, version, metrics, run, audit, config, parity, gate)
+            render_model_card(
+                model_name,
+                version,
+                metrics,
+                run,
+                audit,
+                config,
+                parity,
+                gate,
+                json.loads(previous.read_text()) if previous.exists() else None,
+            )
         )
 
         heatmap_size = int(served.output_shape[1][2])
-        write_model_files(model_dir, model_name, int(config["image_size"]), heatmap_size, served_versions)
+        write_model_files(
+            model_dir, model_name, int(config["image_size"]), heatmap_size, served_versions, {version: preprocessing}
+        )
         tf_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(tf_staging), tf_dir)
         (staging).rename(model_dir / str(version))

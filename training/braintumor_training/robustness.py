@@ -20,11 +20,16 @@ import onnxruntime as ort
 from PIL import Image, ImageFilter
 
 from braintumor.config import INPUT_NAME, OUTPUT_NAME
-from braintumor.preprocessing import load_image, preprocess, to_grey
+from braintumor.preprocessing import Preprocessing, load_image, to_grey
 from braintumor_training.dataset import TEST_SPLIT, scan_dataset
 from braintumor_training.metrics import classification_metrics
 
 Shift = Callable[[Image.Image, int, np.random.Generator], Image.Image]
+
+#: Targets at the middle severity of every shift.
+MIDDLE_SEVERITY = 2
+TARGET_ACCURACY = 0.95
+TARGET_TUMOR_SENSITIVITY = 0.98
 
 
 def _array(image: Image.Image) -> np.ndarray:
@@ -146,16 +151,35 @@ SHIFTS: dict[str, Shift] = {
 }
 
 
+def misses_target(metrics: dict[str, Any]) -> bool:
+    """Whether one cell's metrics miss the accuracy or the tumor-sensitivity target."""
+    return metrics["accuracy"] < TARGET_ACCURACY or metrics["tumor_sensitivity"] < TARGET_TUMOR_SENSITIVITY
+
+
 @dataclass(frozen=True)
 class Robustness:
     """Results: ``metrics[set][shift][severity]`` (severity 0 is the clean image)."""
 
     model: str
     metrics: dict[str, dict[str, dict[int, dict[str, Any]]]]
+    preprocessing: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
-        return {"model": self.model, "metrics": self.metrics}
+        return {"model": self.model, "preprocessing": self.preprocessing, "metrics": self.metrics}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Robustness:
+        """Read :meth:`to_dict`'s form back (JSON turns the severities into strings)."""
+        metrics = {
+            set_name: {shift: {int(k): v for k, v in levels.items()} for shift, levels in by_shift.items()}
+            for set_name, by_shift in data["metrics"].items()
+        }
+        return cls(data["model"], metrics, data.get("preprocessing"))
+
+    def misses(self, set_name: str, level: int = MIDDLE_SEVERITY) -> list[str]:
+        """The shifts that miss :data:`TARGET_ACCURACY` or :data:`TARGET_TUMOR_SENSITIVITY` at ``level``."""
+        return [name for name, levels in self.metrics[set_name].items() if misses_target(levels[level])]
 
 
 def evaluate_robustness(
@@ -165,6 +189,7 @@ def evaluate_robustness(
     seed: int = 0,
     shifts: dict[str, Shift] | None = None,
     limit: int | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> Robustness:
     """Classify every Testing image under every shift and severity with the ONNX model of a version.
 
@@ -175,10 +200,12 @@ def evaluate_robustness(
         seed: seed of the random parts of the shifts (the same for every version compared).
         shifts: the shifts to apply (default: all of :data:`SHIFTS`).
         limit: use only every n-th image so that about ``limit`` images remain (quick runs).
+        preprocessing: the version's preprocessing (default: a plain resize to the model's input size).
     """
     shifts = SHIFTS if shifts is None else shifts
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     size = int(session.get_inputs()[0].shape[1])
+    preprocessing = preprocessing or Preprocessing(size)
     records = [r for r in scan_dataset(data_dir, (TEST_SPLIT,))]
     if limit:
         records = records[:: max(1, len(records) // limit)]
@@ -187,7 +214,7 @@ def evaluate_robustness(
     originals = [to_grey(load_image(data_dir / r.path)) for r in records]
 
     def score(images: list[Image.Image]) -> np.ndarray:
-        pixels = np.stack([preprocess(image, size) for image in images])
+        pixels = np.stack([preprocessing.apply(image)[0] for image in images])
         return np.concatenate(
             [session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i : i + 64]})[0] for i in range(0, len(pixels), 64)]
         )
@@ -207,7 +234,7 @@ def evaluate_robustness(
                     results[set_name].setdefault(name, {})[level] = {
                         k: m[k] for k in ("n_images", "accuracy", "macro_f1", "tumor_sensitivity", "tumor_specificity")
                     }
-    return Robustness(str(model), results)
+    return Robustness(str(model), results, preprocessing.to_dict())
 
 
 def render_table(result: Robustness, set_name: str) -> str:
@@ -243,11 +270,55 @@ def plot_heatmap(result: Robustness, path: Path, set_name: str = "test_leak_free
     plt.close(fig)
 
 
+def render_comparison(before: Robustness, after: Robustness, names: tuple[str, str]) -> str:
+    """Markdown: two versions side by side at the middle severity (and clean), with the targets."""
+    old, new = names
+    lines = [
+        f"Targets at severity {MIDDLE_SEVERITY} of every shift: accuracy ≥ {TARGET_ACCURACY:.2f} and tumor "
+        f"sensitivity ≥ {TARGET_TUMOR_SENSITIVITY:.2f}. Cells: accuracy / tumor sensitivity, **bold** where a "
+        "target is missed.",
+        "",
+    ]
+    for set_name in ("test", "test_leak_free"):
+        n = after.metrics[set_name][next(iter(after.metrics[set_name]))][0]["n_images"]
+        lines += [
+            f"### {set_name} ({n} images)",
+            "",
+            f"| shift | {old} clean | {new} clean | {old} severity {MIDDLE_SEVERITY} | {new} severity "
+            f"{MIDDLE_SEVERITY} | {new} severity 3 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for shift, levels in after.metrics[set_name].items():
+            earlier = before.metrics[set_name].get(shift)
+
+            def cell(m: dict[str, Any] | None, level: int) -> str:
+                if m is None:
+                    return "–"
+                text = f"{m['accuracy']:.3f} / {m['tumor_sensitivity']:.3f}"
+                return f"**{text}**" if level == MIDDLE_SEVERITY and misses_target(m) else text
+
+            lines.append(
+                f"| {shift} | {cell(earlier and earlier[0], 0)} | {cell(levels[0], 0)} | "
+                f"{cell(earlier and earlier[MIDDLE_SEVERITY], MIDDLE_SEVERITY)} | "
+                f"{cell(levels[MIDDLE_SEVERITY], MIDDLE_SEVERITY)} | {cell(levels[3], 3)} |"
+            )
+        misses = after.misses(set_name)
+        lines += [
+            "",
+            f"{new} misses a target at severity {MIDDLE_SEVERITY} on {len(misses)} of {len(after.metrics[set_name])} "
+            f"shifts{': ' + ', '.join(misses) if misses else ''} ({old}: {len(before.misses(set_name))}).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
 def write_report(result: Robustness, out_dir: Path) -> None:
     """``robustness.json``, ``robustness.md`` and ``robustness.png`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "robustness.json").write_text(json.dumps(result.to_dict(), indent=1))
     text = [f"# Robustness of `{result.model}`", "", "Cells: accuracy / tumor sensitivity.", ""]
+    if result.preprocessing:
+        text[1:1] = ["", f"Preprocessing: `{json.dumps(result.preprocessing, sort_keys=True)}`."]
     for set_name in ("test", "test_leak_free"):
         text += [f"## {set_name}", "", render_table(result, set_name), ""]
     (out_dir / "robustness.md").write_text("\n".join(text))

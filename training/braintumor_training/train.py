@@ -24,6 +24,7 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from braintumor.config import IMAGE_SIZE, LABELS
+from braintumor.preprocessing import Preprocessing
 from braintumor_training.audit import DEFAULT_NEAR_DUPLICATE_THRESHOLD, audit_dataset
 from braintumor_training.augment import build_augmenter
 from braintumor_training.dataset import ImageRecord, load_arrays
@@ -59,6 +60,8 @@ class TrainConfig:
         limit_per_class: keep at most this many training images per class (smoke tests).
         collapse_grace_epochs: epochs before the collapse guard may stop a run.
         augmentation: augmentation profile, ``v1`` (mild) or ``robust`` (scanner and framing shifts).
+        crop_to_head: preprocessing crops each image to the head (see :class:`braintumor.preprocessing.Preprocessing`).
+        normalize_intensity: preprocessing stretches each image's intensity percentiles to 0–255.
     """
 
     data_dir: str
@@ -78,6 +81,22 @@ class TrainConfig:
     limit_per_class: int | None = None
     collapse_grace_epochs: int = 5
     augmentation: str = "v1"
+    crop_to_head: bool = False
+    normalize_intensity: bool = False
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The shared preprocessing with this run's parameters (published with the model version)."""
+        return Preprocessing(self.image_size, self.crop_to_head, self.normalize_intensity)
+
+
+def run_preprocessing(config: dict[str, Any]) -> Preprocessing:
+    """The preprocessing of a run from its saved ``config.json`` (runs before these options: a plain resize)."""
+    return Preprocessing(
+        int(config["image_size"]),
+        bool(config.get("crop_to_head", False)),
+        bool(config.get("normalize_intensity", False)),
+    )
 
 
 class CollapseGuard(keras.callbacks.Callback):
@@ -216,8 +235,8 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     train_records = _select(records, report.split["train"], config.limit_per_class, config.seed)
     val_limit = None if config.limit_per_class is None else max(2, config.limit_per_class // 4)
     val_records = _select(records, report.split["val"], val_limit, config.seed)
-    x_train, y_train = load_arrays(Path(config.data_dir), train_records, config.image_size)
-    x_val, y_val = load_arrays(Path(config.data_dir), val_records, config.image_size)
+    x_train, y_train = load_arrays(Path(config.data_dir), train_records, preprocessing=config.preprocessing)
+    x_val, y_val = load_arrays(Path(config.data_dir), val_records, preprocessing=config.preprocessing)
     print(f"Training on {len(y_train)} images, validating on {len(y_val)}", flush=True)
 
     weights = compute_class_weight("balanced", classes=np.arange(len(LABELS)), y=y_train)

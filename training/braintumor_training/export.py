@@ -41,8 +41,9 @@ from braintumor_training.train import run_preprocessing
 #: What each augmentation profile does, for the model card.
 AUGMENTATION_DESCRIPTIONS = {
     "v1": "mild flip/rotation/zoom/brightness/contrast augmentation",
-    "robust": "augmentation for scanner and framing shifts (flip, rotation, zoom-out with borders, crops, "
-    "aspect ratio, translation, strong brightness/contrast/gamma, MR bias field, noise)",
+    "robust": "augmentation for what scanners vary and the preprocessing does not undo (flip, rotation, "
+    "crops into the head, some zoom-out, aspect ratio, translation, gamma 0.5–2.2, MR bias field, noise, "
+    "mild brightness/contrast)",
 }
 #: The served model's outputs, in order.
 SERVED_OUTPUTS = [OUTPUT_NAME, HEATMAP_NAME]

@@ -33,7 +33,7 @@ from prometheus_client import Counter, Histogram, start_http_server  # noqa: E40
 from braintumor.classifier import TumorClassifier  # noqa: E402
 from braintumor.config import DEFAULT_DATA_DIR, IMAGE_SIZE, IMAGE_SUFFIXES  # noqa: E402
 from braintumor.errors import BrainTumorError  # noqa: E402
-from braintumor.preprocessing import preprocess_batch  # noqa: E402
+from braintumor.preprocessing import Preprocessing, preprocess_batch  # noqa: E402
 
 log = logging.getLogger("braintumor.loadtest")
 
@@ -61,13 +61,26 @@ def _options(parser) -> None:
     group.add_argument("--metrics-linger", type=float, default=0.0, help="seconds to keep metrics up after the run")
 
 
-def load_pixels(folder: Path, limit: int) -> np.ndarray:
-    """Preprocess up to ``limit`` images from ``folder`` (spread over its classes), or random pixels."""
+def load_pixels(folder: Path, limit: int, preprocessing: Preprocessing | None = None) -> np.ndarray:
+    """Preprocess up to ``limit`` images from ``folder`` (spread over its classes), or random pixels.
+
+    ``preprocessing`` is the one of the version the users send to (default: a plain resize).
+    """
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
     if not files:
         log.warning("no images under %s: sending random pixels", folder)
         return np.random.default_rng(0).integers(0, 256, (limit, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    return preprocess_batch(files[:: max(1, len(files) // limit)][:limit])
+    return preprocess_batch(files[:: max(1, len(files) // limit)][:limit], preprocessing=preprocessing)
+
+
+def served_preprocessing(host: str | None, model_version: str | None) -> Preprocessing | None:
+    """The preprocessing of the version the users will send to, read from the server (``None``: unknown)."""
+    try:
+        with TumorClassifier(host or "127.0.0.1:8001", model_version=model_version or None, timeout=30.0) as client:
+            return client.model.preprocessing
+    except BrainTumorError as err:
+        log.warning("cannot read the served preprocessing (%s): using a plain resize", err)
+        return None
 
 
 @events.init.add_listener
@@ -76,7 +89,8 @@ def _on_init(environment: Environment, **_kwargs) -> None:
     options = environment.parsed_options
     if options is None or isinstance(environment.runner, MasterRunner):
         return
-    PIXELS = load_pixels(Path(options.images), options.max_images)
+    preprocessing = served_preprocessing(environment.host, options.model_version)
+    PIXELS = load_pixels(Path(options.images), options.max_images, preprocessing)
     if options.metrics_port:
         start_http_server(options.metrics_port, addr="127.0.0.1")
 

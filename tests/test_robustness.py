@@ -15,7 +15,14 @@ from braintumor.cli import main
 from braintumor.config import DEFAULT_MODEL_REPOSITORY, MODEL_NAME
 from braintumor.model_repository import versions
 from braintumor.preprocessing import Preprocessing
-from braintumor_training.robustness import SHIFTS, Robustness, evaluate_robustness, render_comparison, write_report
+from braintumor_training.robustness import (
+    SHIFTS,
+    Robustness,
+    evaluate_robustness,
+    plot_comparison,
+    render_comparison,
+    write_report,
+)
 
 SETS = ("test", "test_leak_free")
 
@@ -69,6 +76,13 @@ def test_comparison_marks_the_missed_targets_of_each_version():
     assert "**0.840 / 0.990**" in text and "| gamma | 0.840 / 0.990 | 0.960 / 0.990 |" in text
     assert "**0.970 / 0.970**" in text  # sensitivity below 0.98 misses too
     assert "v2 misses a target at severity 2 on 1 of 2 shifts: blur (v1: 1)" in text
+
+
+def test_comparison_figure(tmp_path):
+    before = Robustness("v1", {s: {"gamma": _cells(0.84, 0.99), "blur": _cells(0.98, 0.99)} for s in SETS})
+    after = Robustness("v2", {s: {"gamma": _cells(0.96, 0.99), "blur": _cells(0.97, 0.97)} for s in SETS})
+    plot_comparison(before, after, ("v1", "v2"), tmp_path / "comparison.png")
+    assert (tmp_path / "comparison.png").stat().st_size > 5000
 
 
 @pytest.mark.slow

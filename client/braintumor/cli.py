@@ -117,6 +117,7 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     from braintumor_training.robustness import (
         Robustness,
         evaluate_robustness,
+        plot_comparison,
         render_comparison,
         render_table,
         write_report,
@@ -145,7 +146,8 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
         before = Robustness.from_dict(json.loads(baseline.read_text()))
         comparison = render_comparison(before, result, (f"v{version - 1}", f"v{version}"))
         title = f"# Robustness: version {version} against version {version - 1}"
-        (out / "comparison.md").write_text(f"{title}\n\n{comparison}")
+        (out / "comparison.md").write_text(f"{title}\n\n{comparison}\n![comparison](comparison.png)\n")
+        plot_comparison(before, result, (f"v{version - 1}", f"v{version}"), out / "comparison.png")
         print(comparison)
         if args.limit is None:  # only a full evaluation goes into the model card
             _card_section(folder / "model-card.md", "## Robustness to scanner and acquisition shifts", comparison)

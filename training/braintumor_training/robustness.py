@@ -312,6 +312,43 @@ def render_comparison(before: Robustness, after: Robustness, names: tuple[str, s
     return "\n".join(lines)
 
 
+def plot_comparison(
+    before: Robustness, after: Robustness, names: tuple[str, str], path: Path, set_name: str = "test_leak_free"
+) -> None:
+    """Two versions side by side: accuracy and tumor sensitivity per shift and severity, targets outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    shifts = [n for n in after.metrics[set_name] if n in before.metrics[set_name]]
+    panels = [
+        (result, name, key, target)
+        for key, target in (("accuracy", TARGET_ACCURACY), ("tumor_sensitivity", TARGET_TUMOR_SENSITIVITY))
+        for result, name in ((before, names[0]), (after, names[1]))
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 0.42 * len(shifts) + 1.8), sharey=True)
+    for ax, (result, name, key, target) in zip(axes, panels, strict=True):
+        grid = np.array([[result.metrics[set_name][s][k][key] for k in (0, 1, 2, 3)] for s in shifts])
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(4), ["clean", "sev. 1", "sev. 2", "sev. 3"])
+        ax.set_yticks(range(len(shifts)), shifts)
+        for i in range(len(shifts)):
+            for j in range(4):
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=7)
+            if grid[i, MIDDLE_SEVERITY] < target:  # a missed target at the middle severity
+                ax.add_patch(Rectangle((MIDDLE_SEVERITY - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="black"))
+        ax.set_title(f"{name}: {key.replace('_', ' ')} (target ≥ {target:.2f})", fontsize=9)
+    n = after.metrics[set_name][shifts[0]][0]["n_images"]
+    title = f"Robustness under shifts, {set_name} (n={n}); boxed: target missed at severity {MIDDLE_SEVERITY}"
+    fig.suptitle(title, fontsize=10, y=1.02)
+    fig.colorbar(image, ax=axes, fraction=0.02)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
 def write_report(result: Robustness, out_dir: Path) -> None:
     """``robustness.json``, ``robustness.md`` and ``robustness.png`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from braintumor.config import IMAGE_SIZE
 from braintumor.errors import InvalidImageError
-from braintumor.preprocessing import preprocess
+from braintumor.preprocessing import Preprocessing, preprocess
 
 #: Bounded for CI; BRAINTUMOR_FUZZ_EXAMPLES=5000 runs a longer campaign.
 EXAMPLES = int(os.environ.get("BRAINTUMOR_FUZZ_EXAMPLES", "300"))
@@ -80,3 +80,28 @@ def test_every_mode_and_size(width, height, mode):
 @given(st.binary(min_size=0, max_size=2048))
 def test_bytes_behind_a_dicom_preamble(payload):
     _check(b"\0" * 128 + b"DICM" + payload)
+
+
+@BOUNDED
+@given(
+    st.integers(16, 200),
+    st.integers(16, 200),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["noise", "blocks", "flat", "sparse"]),
+)
+def test_crop_and_stretch_never_fail_on_any_pixels(width, height, seed, kind):
+    """The head crop and intensity stretch of version 2 on arbitrary content: always a full, valid tensor."""
+    rng = np.random.default_rng(seed)
+    if kind == "noise":
+        pixels = rng.integers(0, 256, (height, width), dtype=np.uint8)
+    elif kind == "blocks":
+        pixels = np.kron(rng.integers(0, 256, (4, 4)), np.ones((height // 4 + 1, width // 4 + 1)))[:height, :width]
+    elif kind == "flat":
+        pixels = np.full((height, width), rng.integers(0, 256))
+    else:  # a few bright specks on black
+        pixels = np.zeros((height, width))
+        pixels[rng.integers(0, height, 5), rng.integers(0, width, 5)] = 255
+    image = Image.fromarray(pixels.astype(np.uint8))
+    out, (left, top, right, bottom) = Preprocessing(crop_to_head=True, normalize_intensity=True).apply(image)
+    assert out.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and out.dtype == np.uint8
+    assert 0 <= left < right <= width and 0 <= top < bottom <= height

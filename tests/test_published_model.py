@@ -14,7 +14,8 @@ from braintumor.config import (
     MODEL_NAME,
     OUTPUT_NAME,
 )
-from braintumor.model_repository import versions
+from braintumor.model_repository import PREPROCESSING_FILE, read_preprocessing, versions
+from braintumor.preprocessing import Preprocessing
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -40,6 +41,8 @@ def test_each_version_has_model_card_metrics_and_a_working_onnx_model(version):
             assert key in metrics[split], f"{split}.{key}"
     card = (folder / "model-card.md").read_text().replace("*", "")
     assert "not a diagnostic device" in card and "leak-free" in card
+    preprocessing = Preprocessing.from_json((folder / PREPROCESSING_FILE).read_text())
+    assert preprocessing.size == IMAGE_SIZE
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     (inp,), outputs = session.get_inputs(), session.get_outputs()
     assert (inp.name, inp.type, inp.shape[1:]) == (INPUT_NAME, "tensor(uint8)", [IMAGE_SIZE, IMAGE_SIZE, 3])
@@ -50,19 +53,21 @@ def test_each_version_has_model_card_metrics_and_a_working_onnx_model(version):
 
 
 @pytest.mark.shared_data
-def test_latest_version_reproduces_its_published_leak_free_accuracy(shared_data):
+@pytest.mark.parametrize("version", versions(MODEL_DIR))
+def test_each_version_reproduces_its_published_leak_free_accuracy(shared_data, version):
     """Quality on real data: the served ONNX model's accuracy on the leak-free Testing subset, recomputed here
-    from the images with the SDK's preprocessing, equals what its metrics.json claims."""
+    from the images with the SDK's preprocessing (with that version's parameters), equals what its
+    metrics.json claims."""
     from braintumor.preprocessing import preprocess_batch
 
-    version = versions(MODEL_DIR)[-1]
+    preprocessing = read_preprocessing(MODEL_DIR, IMAGE_SIZE)[version]
     metrics = json.loads((MODEL_DIR / str(version) / "metrics.json").read_text())
     audit_paths = metrics["leak_free_test_images"]
     session = ort.InferenceSession(str(MODEL_DIR / str(version) / "model.onnx"), providers=["CPUExecutionProvider"])
     correct = 0
     for start in range(0, len(audit_paths), 64):
         chunk = audit_paths[start : start + 64]
-        pixels = preprocess_batch([shared_data / p for p in chunk])
+        pixels = preprocess_batch([shared_data / p for p in chunk], preprocessing=preprocessing)
         predicted = session.run(None, {INPUT_NAME: pixels})[0].argmax(axis=1)
         correct += sum(LABELS[k] == p.split("/")[1] for k, p in zip(predicted, chunk, strict=True))
     accuracy = correct / len(audit_paths)

@@ -246,6 +246,20 @@ def render_table(result: Robustness, set_name: str) -> str:
     return "\n".join(lines)
 
 
+def _draw_grid(
+    ax: Any, result: Robustness, set_name: str, shifts: list[str], key: str, fontsize: int
+) -> tuple[Any, Any]:
+    """One metric per shift (rows) and severity (columns) as an annotated heatmap on ``ax``."""
+    grid = np.array([[result.metrics[set_name][s][k][key] for k in (0, 1, 2, 3)] for s in shifts])
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(4), ["clean", "sev. 1", "sev. 2", "sev. 3"])
+    ax.set_yticks(range(len(shifts)), shifts)
+    for i in range(len(shifts)):
+        for j in range(4):
+            ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=fontsize)
+    return image, grid
+
+
 def plot_heatmap(result: Robustness, path: Path, set_name: str = "test_leak_free") -> None:
     """Accuracy per shift and severity as a heatmap figure."""
     import matplotlib
@@ -254,14 +268,8 @@ def plot_heatmap(result: Robustness, path: Path, set_name: str = "test_leak_free
     import matplotlib.pyplot as plt
 
     names = list(result.metrics[set_name])
-    grid = np.array([[result.metrics[set_name][n][k]["accuracy"] for k in (0, 1, 2, 3)] for n in names])
     fig, ax = plt.subplots(figsize=(6, 0.42 * len(names) + 1.4))
-    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(4), ["clean", "sev. 1", "sev. 2", "sev. 3"])
-    ax.set_yticks(range(len(names)), names)
-    for i in range(len(names)):
-        for j in range(4):
-            ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=8)
+    image, _ = _draw_grid(ax, result, set_name, names, "accuracy", fontsize=8)
     ax.set_title(f"Accuracy under shifts ({set_name}, n={result.metrics[set_name][names[0]][0]['n_images']})")
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
@@ -330,13 +338,8 @@ def plot_comparison(
     ]
     fig, axes = plt.subplots(1, 4, figsize=(15, 0.42 * len(shifts) + 1.8), sharey=True)
     for ax, (result, name, key, target) in zip(axes, panels, strict=True):
-        grid = np.array([[result.metrics[set_name][s][k][key] for k in (0, 1, 2, 3)] for s in shifts])
-        image = ax.imshow(grid, cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="auto")
-        ax.set_xticks(range(4), ["clean", "sev. 1", "sev. 2", "sev. 3"])
-        ax.set_yticks(range(len(shifts)), shifts)
+        image, grid = _draw_grid(ax, result, set_name, shifts, key, fontsize=7)
         for i in range(len(shifts)):
-            for j in range(4):
-                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=7)
             if grid[i, MIDDLE_SEVERITY] < target:  # a missed target at the middle severity
                 ax.add_patch(Rectangle((MIDDLE_SEVERITY - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="black"))
         ax.set_title(f"{name}: {key.replace('_', ' ')} (target ≥ {target:.2f})", fontsize=9)

@@ -119,6 +119,18 @@ def test_an_unpinned_client_follows_a_new_latest_version_once(triton):
             pinned.predict(random_slice(np.random.default_rng(6)))
 
 
+def test_an_unpinned_async_client_follows_a_new_latest_version_once(triton):
+    async def run() -> tuple[str, str]:
+        async with AsyncTumorClassifier(triton.config.grpc_url) as client:
+            latest = client.model.version
+            client.model = dataclasses.replace(client.model, version="99")
+            prediction = await client.predict(random_slice(np.random.default_rng(7)))
+            return latest, prediction.model_version
+
+    latest, answered = asyncio.run(run())
+    assert answered == latest
+
+
 def test_served_predictions_equal_each_versions_keras_model_on_real_mri(triton, shared_data):
     tf = pytest.importorskip("tensorflow")
     from braintumor.config import DEFAULT_TFSERVING_BASE

@@ -26,7 +26,8 @@ class ServedModel:
         heatmap_size: side of the Grad-CAM grid the model returns, or 0 when it returns none.
         version: the version requests go to: the one pinned, else the latest served at connect time.
         preprocessing: the preprocessing that version was trained with (from the model configuration's
-            ``preprocessing/<version>`` parameter; a plain resize when there is none).
+            ``preprocessing/<version>`` parameter; a plain resize when the configuration has none at all).
+        by_version: the preprocessing of every version the configuration lists.
     """
 
     name: str
@@ -36,21 +37,43 @@ class ServedModel:
     heatmap_size: int = 0
     version: str = ""
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    by_version: dict[str, Preprocessing] = field(default_factory=dict)
+
+    def preprocessing_of(self, version: str) -> Preprocessing:
+        """The preprocessing of ``version`` (e.g. a prediction's ``model_version``), as the configuration says."""
+        if version in self.by_version:
+            return self.by_version[version]
+        return self.preprocessing if version == self.version else Preprocessing(self.image_size)
 
 
-def _preprocessing(config: dict[str, Any], version: str, image_size: int) -> Preprocessing:
-    parameter = config.get("parameters", {}).get(f"{PREPROCESSING_PARAMETER}{version}")
-    if parameter is None:
-        return Preprocessing(image_size)
-    try:
-        preprocessing = Preprocessing.from_json(parameter.get("string_value", ""))
-    except ValueError as err:  # json.JSONDecodeError is a ValueError
-        raise ModelMismatchError(f"version {version}'s preprocessing parameter cannot be used: {err}") from err
-    if preprocessing.size != image_size:
+def _preprocessings(config: dict[str, Any], image_size: int) -> dict[str, Preprocessing]:
+    found = {}
+    for key, parameter in config.get("parameters", {}).items():
+        if not key.startswith(PREPROCESSING_PARAMETER):
+            continue
+        version = key.removeprefix(PREPROCESSING_PARAMETER)
+        try:
+            preprocessing = Preprocessing.from_json(parameter.get("string_value", ""))
+        except ValueError as err:  # json.JSONDecodeError is a ValueError
+            raise ModelMismatchError(f"version {version}'s preprocessing parameter cannot be used: {err}") from err
+        if preprocessing.size != image_size:
+            raise ModelMismatchError(
+                f"version {version}'s preprocessing makes {preprocessing.size}-pixel images, the model takes "
+                f"{image_size}"
+            )
+        found[version] = preprocessing
+    return found
+
+
+def _preprocessing(by_version: dict[str, Preprocessing], version: str, image_size: int) -> Preprocessing:
+    if version in by_version:
+        return by_version[version]
+    if by_version:  # other versions declare theirs: guessing this one's could feed it the wrong tensors
         raise ModelMismatchError(
-            f"version {version}'s preprocessing makes {preprocessing.size}-pixel images, the model takes {image_size}"
+            f"the model configuration declares no preprocessing for version {version} (it does for "
+            f"{', '.join(sorted(by_version))}): re-render it with the repository tools"
         )
-    return preprocessing
+    return Preprocessing(image_size)  # a configuration from before per-version preprocessing
 
 
 def check_model(metadata: dict[str, Any], config: dict[str, Any], version: str = "") -> ServedModel:
@@ -104,6 +127,7 @@ def check_model(metadata: dict[str, Any], config: dict[str, Any], version: str =
     numeric = [v for v in listed if v.isdigit()]
     resolved = version or (max(numeric, key=int) if numeric else "")
     image_size = int(image["shape"][1])
+    by_version = _preprocessings(config, image_size)
     return ServedModel(
         name=name,
         versions=listed,
@@ -111,7 +135,8 @@ def check_model(metadata: dict[str, Any], config: dict[str, Any], version: str =
         max_batch_size=int(config.get("max_batch_size", 1)) or 1,
         heatmap_size=heatmap_size,
         version=resolved,
-        preprocessing=_preprocessing(config, resolved, image_size),
+        preprocessing=_preprocessing(by_version, resolved, image_size),
+        by_version=by_version,
     )
 
 

@@ -121,7 +121,12 @@ class AsyncTumorClassifier:
         self, pixels: np.ndarray, explain: bool = False, explain_label: str | None = None
     ) -> list[Prediction]:
         """Classify already preprocessed uint8 pixels ``(n, size, size, 3)`` in one request."""
-        served = self.model or await self.connect()
+        return await self._infer(self.model or await self.connect(), pixels, explain, explain_label)
+
+    async def _infer(
+        self, served: ServedModel, pixels: np.ndarray, explain: bool, explain_label: str | None
+    ) -> list[Prediction]:
+        # ``served`` is read once by the caller: the tensor was made for exactly the version it goes to.
         names = requested_outputs(served, explain, explain_label)
         inp = grpcaio.InferInput(INPUT_NAME, list(pixels.shape), "UINT8")
         inp.set_data_from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8))
@@ -151,7 +156,7 @@ class AsyncTumorClassifier:
             served = self.model or await self.connect()
             pixels = await asyncio.to_thread(served.preprocessing, image, frame)
             try:
-                return (await self.predict_pixels(pixels[None], explain, explain_label))[0]
+                return (await self._infer(served, pixels[None], explain, explain_label))[0]
             except ModelNotReadyError:
                 if self.model_version or attempt:
                     raise

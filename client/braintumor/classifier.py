@@ -193,7 +193,13 @@ class TumorClassifier:
             DeadlineExceededError: when it does not answer within the deadline.
             ModelMismatchError: when an explanation is asked of a model that serves none.
         """
-        served = self._served()
+        return self._infer(self._served(), pixels, explain, explain_label)
+
+    def _infer(
+        self, served: ServedModel, pixels: np.ndarray, explain: bool, explain_label: str | None
+    ) -> list[Prediction]:
+        # ``served`` is read once by the caller: the tensor was made for exactly the version it goes to,
+        # even when another thread reconnects meanwhile.
         names = requested_outputs(served, explain, explain_label)
         inp = grpcclient.InferInput(INPUT_NAME, list(pixels.shape), "UINT8")
         inp.set_data_from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8))
@@ -215,9 +221,12 @@ class TumorClassifier:
         Raises:
             InvalidImageError: when the image cannot be used; nothing is sent.
         """
-        return self._following_latest(
-            lambda: self.predict_pixels(self.preprocess(image, frame)[None], explain, explain_label)[0]
-        )
+
+        def attempt() -> Prediction:
+            served = self._served()
+            return self._infer(served, served.preprocessing(image, frame)[None], explain, explain_label)[0]
+
+        return self._following_latest(attempt)
 
     def predict_batch(
         self, images: Sequence[ImageSource], strategy: Strategy = "concurrent", workers: int = 8
@@ -241,15 +250,15 @@ class TumorClassifier:
 
     def _predict_batch(self, images: Sequence[ImageSource], strategy: Strategy, workers: int) -> list[Prediction]:
         served = self._served()
-        pixels = np.stack([self.preprocess(image) for image in images])
+        pixels = np.stack([served.preprocessing(image) for image in images])
         if strategy == "packed":
             step = served.max_batch_size
             chunks = [pixels[i : i + step] for i in range(0, len(pixels), step)]
-            return [p for chunk in chunks for p in self.predict_pixels(chunk)]
+            return [p for chunk in chunks for p in self._infer(served, chunk, False, None)]
         if strategy != "concurrent":
             raise ValueError(f"strategy must be 'packed' or 'concurrent', got {strategy!r}")
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            return list(pool.map(lambda i: self.predict_pixels(pixels[i : i + 1])[0], range(len(pixels))))
+            return list(pool.map(lambda i: self._infer(served, pixels[i : i + 1], False, None)[0], range(len(pixels))))
 
 
 __all__ = ["DeadlineExceededError", "Strategy", "TumorClassifier"]

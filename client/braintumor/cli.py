@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -142,31 +143,49 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     print(render_table(result, "test_leak_free"))
     print(f"Wrote {out}/robustness.json, robustness.md and robustness.png")
     baseline = Path(args.compare_with or f"docs/robustness/v{version - 1}") / "robustness.json"
-    if version > 1 and baseline.exists():
+    if args.compare_with and not baseline.exists():
+        print(f"braintumor robustness: no robustness.json in {args.compare_with}", file=sys.stderr)
+        return 2
+    if baseline.exists() and (args.compare_with or version > 1):
         before = Robustness.from_dict(json.loads(baseline.read_text()))
-        comparison = render_comparison(before, result, (f"v{version - 1}", f"v{version}"))
-        title = f"# Robustness: version {version} against version {version - 1}"
-        (out / "comparison.md").write_text(f"{title}\n\n{comparison}\n![comparison](comparison.png)\n")
-        plot_comparison(before, result, (f"v{version - 1}", f"v{version}"), out / "comparison.png")
+        prefix = f"{args.model_name} version "
+        earlier = f"v{before.model.removeprefix(prefix)}" if before.model.startswith(prefix) else baseline.parent.name
+        names = (earlier, f"v{version}")
+        comparison = render_comparison(before, result, names)
+        (out / "comparison.md").write_text(
+            f"# Robustness: {names[1]} against {names[0]}\n\n{comparison}\n![comparison](comparison.png)\n"
+        )
+        plot_comparison(before, result, names, out / "comparison.png")
         print(comparison)
-        if args.limit is None:  # only a full evaluation goes into the model card
+        same_images = all(
+            before.metrics[s][shift][0]["n_images"] == levels[0]["n_images"]
+            for s in result.metrics
+            for shift, levels in result.metrics[s].items()
+            if shift in before.metrics.get(s, {})
+        )
+        if args.limit is None and same_images:  # only full evaluations on the same images go into the card
             _card_section(folder / "model-card.md", "## Robustness to scanner and acquisition shifts", comparison)
             print(f"Wrote {out}/comparison.md and its section of {folder}/model-card.md")
     return 0
 
 
 def _card_section(card: Path, heading: str, body: str) -> None:
-    """Put ``body`` under ``heading`` in a model card, replacing that section when it is already there."""
+    """Put ``body`` under ``heading`` in a model card, replacing that section when it is already there.
+
+    The section goes before "Known limitations" (or at the end); writing it twice gives the same card.
+    """
     text = card.read_text()
-    section = f"{heading}\n\nSeeded shifts of the Testing images (see `braintumor robustness`).\n\n{body}\n"
-    if heading in text:
-        start = text.index(heading)
-        following = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[following + 1 :] if following >= 0 else "")
+    section = f"{heading}\n\nSeeded shifts of the Testing images (see `braintumor robustness`).\n\n{body.strip()}\n\n"
+    existing = re.search(rf"^{re.escape(heading)}$", text, flags=re.M)
+    if existing:
+        following = re.search(r"^## ", text[existing.end() :], flags=re.M)
+        end = existing.end() + following.start() if following else len(text)
+        text = text[: existing.start()] + section + text[end:]
     else:
-        marker = text.find("\n## Known limitations")
-        text = (text[: marker + 1] + section + "\n" + text[marker + 1 :]) if marker >= 0 else text + "\n" + section
-    card.write_text(text)
+        limitations = re.search(r"^## Known limitations$", text, flags=re.M)
+        at = limitations.start() if limitations else len(text)
+        text = text[:at] + ("" if text[:at].endswith("\n\n") else "\n") + section + text[at:]
+    card.write_text(text.rstrip("\n") + "\n")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -83,12 +83,14 @@ def from_triton(error: Exception, *, during: str) -> BrainTumorError:
     status = raw.removeprefix("StatusCode.") or "UNKNOWN"
     text = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
     message = f"{during}: {text}"
+    lowered = text.lower()
     if status == "DEADLINE_EXCEEDED":
         return DeadlineExceededError(message)
+    # Before UNAVAILABLE: Triton answers UNAVAILABLE "... is not at ready state" for an unloaded version.
+    if status == "NOT_FOUND" or any(s in lowered for s in ("is not ready", "not at ready state", "unknown model")):
+        return ModelNotReadyError(message, status=status)
     if status == "UNAVAILABLE":
         return ServerUnavailableError(message)
-    if status == "NOT_FOUND" or "is not ready" in text or "unknown model" in text.lower():
-        return ModelNotReadyError(message, status=status)
     return InferenceError(message, status=status)
 
 

@@ -72,7 +72,9 @@ def _classify(
         from braintumor.explain import overlay
 
         target = explain_dir / f"{file.stem}.gradcam.png"
-        overlay(file, prediction, frame=frame, preprocessing=classifier.model.preprocessing).save(target)
+        overlay(
+            file, prediction, frame=frame, preprocessing=classifier.model.preprocessing_of(prediction.model_version)
+        ).save(target)
         result["explanation"] = str(target)
     return result
 

@@ -252,16 +252,22 @@ class Preprocessing:
         """Parameters published with a model version.
 
         Raises:
-            ValueError: on an unknown parameter, so that a newer model is never fed older preprocessing.
+            ValueError: on an unknown parameter (so that a newer model is never fed older preprocessing)
+                or a value of the wrong type.
         """
+        if not isinstance(values, dict):
+            raise ValueError(f"preprocessing parameters must be a JSON object, got {type(values).__name__}")
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown preprocessing parameters {sorted(unknown)}: upgrade the braintumor SDK")
-        return cls(
-            size=int(values.get("size", IMAGE_SIZE)),
-            crop_to_head=bool(values.get("crop_to_head", False)),
-            normalize_intensity=bool(values.get("normalize_intensity", False)),
-        )
+        size = values.get("size", IMAGE_SIZE)
+        if not isinstance(size, int) or isinstance(size, bool) or size < MIN_SIDE:
+            raise ValueError(f"preprocessing size must be an integer of at least {MIN_SIDE}, got {size!r}")
+        flags = {name: values.get(name, False) for name in ("crop_to_head", "normalize_intensity")}
+        for name, flag in flags.items():
+            if not isinstance(flag, bool):
+                raise ValueError(f"preprocessing {name} must be true or false, got {flag!r}")
+        return cls(size=size, **flags)
 
     @classmethod
     def from_json(cls, text: str) -> Preprocessing:

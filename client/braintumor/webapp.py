@@ -61,7 +61,8 @@ def create_app(url: str = "127.0.0.1:8001", model_version: str | None = None, ti
         name = file.filename or "upload"
         try:
             prediction = await run_in_threadpool(classifier.predict, data, explain=True)
-            picture = await run_in_threadpool(overlay, data, prediction, preprocessing=classifier.model.preprocessing)
+            preprocessing = classifier.model.preprocessing_of(prediction.model_version)
+            picture = await run_in_threadpool(overlay, data, prediction, preprocessing=preprocessing)
         except InvalidImageError as err:
             return _error(422, str(err).replace("<bytes>", name))
         except BrainTumorError as err:

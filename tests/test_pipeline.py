@@ -9,7 +9,7 @@ keras = pytest.importorskip("keras")
 from braintumor.config import LABELS
 from braintumor.preprocessing import preprocess
 from braintumor_training.dataset import load_arrays, scan_dataset
-from braintumor_training.model import BN_MOMENTUM, build_classifier, build_served_model
+from braintumor_training.model import BN_MOMENTUM, build_classifier, build_served_model, tta_logits
 from braintumor_training.train import CollapseGuard
 from braintumor_training.train import make_dataset as make_tf_dataset
 
@@ -58,6 +58,23 @@ def test_classifier_has_fast_batchnorm_and_served_model_returns_probabilities():
     assert np.allclose(p, expected, atol=1e-5)
     with pytest.raises(ValueError, match="temperature"):
         build_served_model(model, temperature=0.0)
+
+
+def test_flip_test_time_augmentation_averages_the_mirror_and_keeps_the_maps_of_the_image():
+    model = build_classifier(32)
+    x = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    for _ in range(40):  # BatchNorm statistics of these images: an untrained model answers 0.25 otherwise
+        model(x.astype(np.float32), training=True)
+    plain = build_served_model(model, temperature=2.0)
+    tta = build_served_model(model, temperature=2.0, tta="flip")
+    p, heatmap = tta.predict(x, verbose=0)
+    logits = tta_logits(model, x.astype(np.float32), "flip")
+    assert np.allclose(p, tf.nn.softmax(logits / 2.0).numpy(), atol=1e-5)
+    assert np.allclose(tta.predict(x[:, :, ::-1], verbose=0)[0], p, atol=1e-5)  # mirror-invariant
+    assert not np.allclose(plain.predict(x, verbose=0)[0], p, atol=1e-5)
+    assert np.allclose(plain.predict(x, verbose=0)[1], heatmap, atol=1e-5)
+    with pytest.raises(ValueError, match="tta"):
+        build_served_model(model, tta="rotate")
 
 
 def test_collapse_guard_stops_a_constant_model_and_spares_a_varied_one():

@@ -72,7 +72,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     _require_training()
     from braintumor_training.evaluate import evaluate_run
 
-    metrics = evaluate_run(Path(args.run_dir), data_dir=Path(args.data) if args.data else None)
+    metrics = evaluate_run(Path(args.run_dir), data_dir=Path(args.data) if args.data else None, tta=args.tta)
     for split in ("test", "test_leak_free"):
         m = metrics[split]
         print(
@@ -339,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a run on Testing and its leak-free subset")
     p.add_argument("run_dir")
     p.add_argument("--data", default=None, help="dataset root (default: the one the run was trained on)")
+    p.add_argument(
+        "--tta",
+        choices=["none", "flip"],
+        default="none",
+        help="test-time augmentation of the served model: flip averages the image and its mirror (2x compute)",
+    )
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="publish an evaluated run as the next model version")

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 from braintumor.config import LABELS
 from braintumor_training.dataset import TEST_SPLIT, ImageRecord, load_arrays, scan_dataset
 from braintumor_training.metrics import calibrated, classification_metrics, fit_temperature
+from braintumor_training.model import tta_logits
 from braintumor_training.train import BEST_CHECKPOINT, run_preprocessing
 
 EVALUATION_DIR = "evaluation"
@@ -129,7 +130,12 @@ def render_report(metrics: dict[str, Any]) -> str:
         f"Run: `{metrics['run_dir']}`. Calibration temperature fitted on validation: "
         f"T = {metrics['temperature']:.4f} (ECE on Testing {metrics['test_uncalibrated']['ece']:.4f} before, "
         f"{metrics['test']['ece']:.4f} after). All figures below use the temperature-scaled probabilities, "
-        "as served. A tumor is called when 1 − p(notumor) ≥ 0.5.",
+        "as served. A tumor is called when 1 − p(notumor) ≥ 0.5."
+        + (
+            " Test-time augmentation: the mean logits of each image and its left-right mirror."
+            if metrics.get("tta") == "flip"
+            else ""
+        ),
         "",
         *summary_rows(metrics),
         "",
@@ -154,12 +160,14 @@ def render_report(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: Path, data_dir: Path | None = None, tta: str = "none") -> dict[str, Any]:
     """Evaluate a run's best checkpoint; writes and returns ``evaluation/metrics.json``.
 
     Args:
         run_dir: the training run folder.
         data_dir: dataset root (default: the one recorded in the run's configuration).
+        tta: test-time augmentation the served model will apply (``none`` or ``flip``); the temperature is
+            fitted, and every figure computed, with it. Export builds the served model to match.
     """
     run_dir = Path(run_dir)
     config, audit = load_run(run_dir)
@@ -171,7 +179,7 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
     labels: dict[str, np.ndarray] = {}
     for name, records in run_sets(data_dir, audit).items():
         pixels, labels[name] = load_arrays(data_dir, records, preprocessing=preprocessing)
-        logits[name] = model.predict(pixels.astype(np.float32), batch_size=64, verbose=0)
+        logits[name] = tta_logits(model, pixels.astype(np.float32), tta)
 
     temperature = fit_temperature(logits["validation"], labels["validation"])
     metrics: dict[str, Any] = {
@@ -179,6 +187,7 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
         "data_dir": str(data_dir),
         "temperature": temperature,
         "image_size": size,
+        "tta": tta,
     }
     for name in logits:
         metrics[name] = classification_metrics(calibrated(logits[name], temperature), labels[name])

@@ -307,7 +307,13 @@ def render_model_card(
             "balanced class weights, BatchNorm momentum 0.9, "
             + AUGMENTATION_DESCRIPTIONS[config.get("augmentation", "v1")]
             + ". "
-            f"Calibration: temperature T = {metrics['temperature']:.4f} fitted on validation, built into the model.",
+            f"Calibration: temperature T = {metrics['temperature']:.4f} fitted on validation, built into the model."
+            + (
+                " Test-time augmentation, built into the model: the mean logits of the image and of its left-right "
+                "mirror (twice the compute of one pass; the Grad-CAM maps are those of the image as sent)."
+                if metrics.get("tta") == "flip"
+                else ""
+            ),
             "",
             "## Results",
             "",
@@ -371,7 +377,7 @@ def export_run(
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     data_dir = Path(data_dir or config["data_dir"])
     classifier = load_classifier(run_dir)
-    served = build_served_model(classifier, metrics["temperature"])
+    served = build_served_model(classifier, metrics["temperature"], tta=metrics.get("tta", "none"))
     preprocessing = run_preprocessing(config)
     pixels, _ = load_arrays(data_dir, run_sets(data_dir, audit)["test"], preprocessing=preprocessing)
 
@@ -403,6 +409,7 @@ def export_run(
             (folder / PREPROCESSING_FILE).write_text(preprocessing.to_json() + "\n")
 
         published = {k: metrics[k] for k in ("validation", "test", "test_leak_free", "temperature", "image_size")}
+        published["tta"] = metrics.get("tta", "none")
         published["export_parity"] = parity
         published["audit"] = {"near_duplicate_threshold": audit["threshold"], **audit["summary"]}
         published["leak_free_test_images"] = audit["leak_free_test"]

@@ -107,7 +107,21 @@ def feature_model(classifier: keras.Model) -> keras.Model:
     return keras.Model(backbone.inputs, backbone.layers[-2].output, name="features")
 
 
-def build_served_model(classifier: keras.Model, temperature: float = 1.0) -> keras.Model:
+#: Test-time augmentation modes: ``none``, or ``flip`` (mean logits of the image and its left-right mirror).
+TTA_MODES = ("none", "flip")
+
+
+def tta_logits(classifier: keras.Model, pixels: np.ndarray, tta: str = "none", batch_size: int = 64) -> np.ndarray:
+    """The classifier's logits for float pixels, with test-time augmentation ``tta`` (see :data:`TTA_MODES`)."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    logits = classifier.predict(pixels, batch_size=batch_size, verbose=0)
+    if tta == "flip":
+        logits = (logits + classifier.predict(pixels[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2.0
+    return logits
+
+
+def build_served_model(classifier: keras.Model, temperature: float = 1.0, tta: str = "none") -> keras.Model:
     """Wrap a trained classifier into the served model.
 
     The served model takes ``uint8`` pixels ``[batch, H, W, 3]`` (4× fewer bytes on the wire than
@@ -117,14 +131,22 @@ def build_served_model(classifier: keras.Model, temperature: float = 1.0) -> ker
     Args:
         classifier: the model from :func:`build_classifier`, trained.
         temperature: the calibration temperature fitted on validation (> 0).
+        tta: ``flip`` averages the logits of the image and of its left-right mirror (twice the compute);
+            the Grad-CAM maps stay those of the image as sent, so that they line up with it.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     size = classifier.input_shape[1]
     pixels = keras.Input((size, size, CHANNELS), dtype="uint8", name=INPUT_NAME)
-    features = feature_model(classifier)(keras.ops.cast(pixels, "float32"), training=False)
+    backbone = feature_model(classifier)
+    floats = keras.ops.cast(pixels, "float32")
     head = GradCamHead(classifier.get_layer("head_dense"), classifier.get_layer("logits"), name="gradcam_head")
-    logits, cams = head(features)
+    logits, cams = head(backbone(floats, training=False))
+    if tta == "flip":
+        mirrored, _ = head(backbone(keras.ops.flip(floats, axis=2), training=False))
+        logits = keras.ops.divide(keras.ops.add(logits, mirrored), np.float32(2.0))
     scaled = keras.ops.divide(logits, np.float32(temperature))
     probabilities = keras.layers.Softmax(name=OUTPUT_NAME)(scaled)
     heatmap = keras.layers.Identity(name=HEATMAP_NAME)(cams)

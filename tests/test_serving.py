@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import signal
 import socket
@@ -270,6 +271,18 @@ def test_benchmark_measures_both_sides_and_writes_its_report(server, pixels, tmp
     write_results(results, tmp_path)
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "triton" in format_table(results)
+
+
+def test_version_benchmark_compares_published_versions_side_by_side(tmp_path, capsys):
+    from braintumor.cli import main
+
+    assert main(["bench", "--versions", "1", "2", "--seconds", "0.4", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "versions.json").read_text())
+    rows = {(r["version"], r["batch_size"]): r for r in results["versions"]}
+    assert set(rows) == {("1", 1), ("1", 32), ("2", 1), ("2", 32)}
+    assert rows[("1", 32)]["throughput_vs_first"] == 1.0 and rows[("2", 1)]["images_per_s"] > 0
+    assert "latency vs first" in capsys.readouterr().out
+    assert main(["bench", "--versions", "1", "7", "--out", str(tmp_path)]) == 2
 
 
 def test_administrative_apis_need_the_admin_key_and_inference_does_not(server, pixels):

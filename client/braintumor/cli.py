@@ -9,6 +9,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from braintumor.config import DEFAULT_DATA_DIR, DEFAULT_MODEL_REPOSITORY, DEFAULT_TFSERVING_BASE, IMAGE_SIZE, MODEL_NAME
 
@@ -188,6 +189,28 @@ def _card_section(card: Path, heading: str, body: str) -> None:
     card.write_text(text.rstrip("\n") + "\n")
 
 
+def _bench_versions(args: argparse.Namespace, model_dir: Path, published: list[int], pixels: Any) -> int:
+    import json
+
+    from braintumor_serving.bench import bench_versions, format_versions
+
+    missing = [v for v in args.versions if v not in published]
+    if missing:
+        print(f"braintumor bench: versions {missing} are not published in {model_dir}", file=sys.stderr)
+        return 2
+    models = {str(v): model_dir / str(v) / "model.onnx" for v in args.versions}
+    print(f"Measuring versions {', '.join(models)} in-process, {args.seconds:.0f} s per point ...")
+    results = bench_versions(models, pixels, args.seconds)
+    table = format_versions(results)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "versions.json").write_text(json.dumps(results, indent=1))
+    (out / "versions.txt").write_text(table + "\n")
+    print(f"Wrote {out}/versions.json and versions.txt")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         from braintumor_serving.triton import ServerConfig, serve
@@ -249,6 +272,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
     model = repository / NAME / str(published[-1]) / "model.onnx"
     pixels = _bench_pixels(Path(args.data))
+    if args.versions:
+        return _bench_versions(args, repository / NAME, published, pixels)
 
     http, grpc, metrics = free_ports(3)
     config = ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics)
@@ -415,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="images to send (Testing split)")
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
     p.add_argument("--out", default="docs/benchmarks", help="folder for bench.json, bench.txt, bench.png")
+    p.add_argument(
+        "--versions",
+        type=int,
+        nargs="+",
+        default=None,
+        help="instead: compare these published versions side by side, in-process (e.g. --versions 1 2)",
+    )
     p.add_argument(
         "--client",
         action="store_true",

@@ -220,6 +220,45 @@ def write_results(results: dict[str, Any], out_dir: Path) -> None:
     plot(results, out_dir / "bench.png")
 
 
+def bench_versions(
+    models: dict[str, Path], pixels: np.ndarray, seconds: float = 5.0, batch_sizes: tuple[int, ...] = (1, 32)
+) -> dict[str, Any]:
+    """Published versions side by side in one run: in-process ONNX Runtime throughput and latency of each,
+    and each one's ratio to the first (e.g. the cost of version 2's test-time augmentation).
+
+    The versions are measured in turns (A, B, A, B) so that a drift of the machine affects them alike.
+    """
+    points: dict[str, dict[int, list[Point]]] = {v: {b: [] for b in batch_sizes} for v in models}
+    for _ in range(2):
+        for batch_size in batch_sizes:
+            for version, model in models.items():
+                points[version][batch_size].append(bench_onnxruntime(model, pixels, batch_size, seconds / 2))
+    first = next(iter(models))
+    rows = []
+    for version in models:
+        for batch_size in batch_sizes:
+            runs = points[version][batch_size]
+            throughput = float(np.mean([p.images_per_s for p in runs]))
+            p50 = float(np.mean([p.latency_ms["p50"] for p in runs]))
+            rows.append({"version": version, "batch_size": batch_size, "images_per_s": throughput, "p50_ms": p50})
+    baseline = {r["batch_size"]: r for r in rows if r["version"] == first}
+    for row in rows:
+        row["throughput_vs_first"] = row["images_per_s"] / baseline[row["batch_size"]]["images_per_s"]
+        row["latency_vs_first"] = row["p50_ms"] / baseline[row["batch_size"]]["p50_ms"]
+    return {"versions": rows, "seconds_per_point": seconds}
+
+
+def format_versions(results: dict[str, Any]) -> str:
+    """The version comparison as a text table."""
+    lines = ["version  batch  images/s   p50 ms  throughput vs first  latency vs first"]
+    for r in results["versions"]:
+        lines.append(
+            f"{r['version']:>7}  {r['batch_size']:>5}  {r['images_per_s']:>8.1f}  {r['p50_ms']:>7.2f}  "
+            f"{r['throughput_vs_first']:>19.2f}  {r['latency_vs_first']:>16.2f}"
+        )
+    return "\n".join(lines)
+
+
 def bench_preprocessing(seconds: float = 3.0, side: int = 512) -> dict[str, float]:
     """Images per second of the shared preprocessing on one core, for ``side``×``side`` JPEG bytes: the plain
     resize (version 1) and with the crop to the head and intensity normalisation (version 2)."""

@@ -222,6 +222,9 @@ def compare_with_previous(version: int, metrics: dict[str, Any], previous: dict[
         for key in ("accuracy", "tumor_sensitivity", "tumor_specificity"):
             cells += [f"{now[key]:.4f}", f"{100 * (now[key] - before[key]):+.2f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    loss = 100 * (previous["test_leak_free"]["accuracy"] - metrics["test_leak_free"]["accuracy"])
+    verdict = "met" if loss <= 0.5 + 1e-9 else "**not met**"
+    lines += ["", f"No loss of more than 0.5 points of leak-free accuracy against version {version - 1}: {verdict}."]
     return [*lines, ""]
 
 
@@ -290,7 +293,7 @@ def render_model_card(
             "",
             "```",
             run.get("sessions", [{}])[0].get("command", "braintumor train ..."),
-            f"braintumor evaluate {metrics['run_dir']}",
+            f"braintumor evaluate {metrics['run_dir']}" + (" --tta flip" if metrics.get("tta") == "flip" else ""),
             f"braintumor export {metrics['run_dir']}",
             "```",
             "",
@@ -343,6 +346,15 @@ def render_model_card(
             "- Scanners, sequences and sites other than those in the dataset were not tested; accuracy may drop on "
             "them. Calibration was fitted on data from the same sources.",
             "- A whole scan is a series of slices; the model judges one slice at a time.",
+            *(
+                [
+                    "- The crop to the head looks for the largest bright region on a dark background; on an image "
+                    "without a dark background it keeps the whole image, and a bright object beside the head as "
+                    "large as a tenth of it widens the crop.",
+                ]
+                if run_preprocessing(config).crop_to_head
+                else []
+            ),
             "",
         ]
     )

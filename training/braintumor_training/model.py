@@ -101,6 +101,30 @@ class GradCamHead(keras.layers.Layer):
         return logits, cams / ops.maximum(peak, 1e-12)
 
 
+class MirroredBatch(keras.layers.Layer):
+    """Stack a batch of images ``[n, H, W, C]`` and their left-right mirrors into one batch of ``2n``."""
+
+    def call(self, images):
+        return keras.ops.concatenate([images, keras.ops.flip(images, axis=2)], axis=0)
+
+
+class BatchHalves(keras.layers.Layer):
+    """Undo :class:`MirroredBatch` on an output: the mean of its two halves, or its first half.
+
+    Args:
+        mean: average the images' and the mirrors' values (``True``) or keep the images' own (``False``).
+    """
+
+    def __init__(self, mean: bool, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.mean = mean
+
+    def call(self, values):
+        n = keras.ops.shape(values)[0] // 2
+        first = values[:n]
+        return (first + values[n:]) / 2.0 if self.mean else first
+
+
 def feature_model(classifier: keras.Model) -> keras.Model:
     """The classifier's backbone up to its last convolution (before global pooling)."""
     backbone = next(layer for layer in classifier.layers if isinstance(layer, keras.Model))
@@ -140,13 +164,15 @@ def build_served_model(classifier: keras.Model, temperature: float = 1.0, tta: s
         raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     size = classifier.input_shape[1]
     pixels = keras.Input((size, size, CHANNELS), dtype="uint8", name=INPUT_NAME)
-    backbone = feature_model(classifier)
     floats = keras.ops.cast(pixels, "float32")
     head = GradCamHead(classifier.get_layer("head_dense"), classifier.get_layer("logits"), name="gradcam_head")
-    logits, cams = head(backbone(floats, training=False))
     if tta == "flip":
-        mirrored, _ = head(backbone(keras.ops.flip(floats, axis=2), training=False))
-        logits = keras.ops.divide(keras.ops.add(logits, mirrored), np.float32(2.0))
+        # One backbone pass over [images; mirrors]: two branches sharing weights would keep ONNX Runtime
+        # from fusing BatchNorm into the convolutions (measured 3.3x slower than one pass, not 2x).
+        logits, cams = head(feature_model(classifier)(MirroredBatch()(floats), training=False))
+        logits, cams = BatchHalves(mean=True)(logits), BatchHalves(mean=False)(cams)
+    else:
+        logits, cams = head(feature_model(classifier)(floats, training=False))
     scaled = keras.ops.divide(logits, np.float32(temperature))
     probabilities = keras.layers.Softmax(name=OUTPUT_NAME)(scaled)
     heatmap = keras.layers.Identity(name=HEATMAP_NAME)(cams)

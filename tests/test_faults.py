@@ -55,17 +55,19 @@ def test_sigkill_restart_and_stub_kill_lose_nothing(tmp_path, capsys):
     repository = copy_repository(tmp_path / "model_repository")
     http, grpc, metrics = free_ports(3)
     config = ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics)
-    rng = np.random.default_rng(3)
-    pixels = preprocess_batch([random_slice(rng, 224, k % 4) for k in range(8)])
-    session = ort.InferenceSession(str(repository / MODEL_NAME / "1" / "model.onnx"))
-    expected = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
-
     server = TritonServer(config).start()
     server.wait_until_ready(120)
     ledger: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     lock = threading.Lock()
     classifier = TumorClassifier(config.grpc_url, timeout=TIMEOUT, retries=RETRIES, backoff=BACKOFF)
+    # The version the client sends to (the latest), with its own preprocessing, and its answers in-process.
+    rng = np.random.default_rng(3)
+    pixels = preprocess_batch(
+        [random_slice(rng, 224, k % 4) for k in range(8)], preprocessing=classifier.model.preprocessing
+    )
+    session = ort.InferenceSession(str(repository / MODEL_NAME / classifier.model.version / "model.onnx"))
+    expected = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
 
     def one(i: int) -> None:
         k = i % len(pixels)
@@ -82,7 +84,7 @@ def test_sigkill_restart_and_stub_kill_lose_nothing(tmp_path, capsys):
 
     def answered() -> int:
         with lock:
-            return ledger["answered"] + ledger["errored"]
+            return ledger["answered"] + ledger["errored"] + ledger["wrong"]
 
     started = time.monotonic()
     restarted = None

@@ -239,7 +239,7 @@ class TumorClassifier:
                 dynamic batcher group them; ``packed`` sends requests of up to the model's max batch size.
                 ``concurrent`` is the default because it measured faster on the embedded CPU server (see
                 the README's client benchmark).
-            workers: requests in flight for ``concurrent``.
+            workers: threads that preprocess the images, and requests in flight for ``concurrent``.
 
         Raises:
             InvalidImageError: when any image cannot be used (raised before anything is sent).
@@ -250,7 +250,8 @@ class TumorClassifier:
 
     def _predict_batch(self, images: Sequence[ImageSource], strategy: Strategy, workers: int) -> list[Prediction]:
         served = self._served()
-        pixels = np.stack([served.preprocessing(image) for image in images])
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # decoding and cropping release the GIL
+            pixels = np.stack(list(pool.map(served.preprocessing, images)))
         if strategy == "packed":
             step = served.max_batch_size
             chunks = [pixels[i : i + step] for i in range(0, len(pixels), step)]

@@ -46,7 +46,9 @@ LATENCY = Histogram(
 for _outcome in ("success", "failure"):
     REQUESTS.labels(_outcome)
 
-PIXELS: np.ndarray = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+#: Where the images come from (set from the options at init), and their pixels per preprocessing.
+IMAGES: tuple[Path, int] = (DEFAULT_DATA_DIR / "Testing", 64)
+_PIXELS: dict[Preprocessing, np.ndarray] = {}
 
 
 @events.init_command_line_parser.add_listener
@@ -69,28 +71,25 @@ def load_pixels(folder: Path, limit: int, preprocessing: Preprocessing | None = 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
     if not files:
         log.warning("no images under %s: sending random pixels", folder)
-        return np.random.default_rng(0).integers(0, 256, (limit, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        size = preprocessing.size if preprocessing else IMAGE_SIZE
+        return np.random.default_rng(0).integers(0, 256, (limit, size, size, 3), dtype=np.uint8)
     return preprocess_batch(files[:: max(1, len(files) // limit)][:limit], preprocessing=preprocessing)
 
 
-def served_preprocessing(host: str | None, model_version: str | None) -> Preprocessing | None:
-    """The preprocessing of the version the users will send to, read from the server (``None``: unknown)."""
-    try:
-        with TumorClassifier(host or "127.0.0.1:8001", model_version=model_version or None, timeout=30.0) as client:
-            return client.model.preprocessing
-    except BrainTumorError as err:
-        log.warning("cannot read the served preprocessing (%s): using a plain resize", err)
-        return None
+def pixels_for(preprocessing: Preprocessing) -> np.ndarray:
+    """The images preprocessed for the version the users send to, made once per preprocessing."""
+    if preprocessing not in _PIXELS:
+        _PIXELS[preprocessing] = load_pixels(*IMAGES, preprocessing)
+    return _PIXELS[preprocessing]
 
 
 @events.init.add_listener
 def _on_init(environment: Environment, **_kwargs) -> None:
-    global PIXELS
+    global IMAGES
     options = environment.parsed_options
     if options is None or isinstance(environment.runner, MasterRunner):
         return
-    preprocessing = served_preprocessing(environment.host, options.model_version)
-    PIXELS = load_pixels(Path(options.images), options.max_images, preprocessing)
+    IMAGES = (Path(options.images), options.max_images)
     if options.metrics_port:
         start_http_server(options.metrics_port, addr="127.0.0.1")
 
@@ -108,11 +107,13 @@ class TritonGrpcUser(User):
             timeout=30.0,
             retries=0,  # every request counts once: the load measures the server, retries would hide errors
         )
-        self.next = id(self) % max(1, len(PIXELS))
+        # Connecting told the client the version it sends to, and so that version's preprocessing.
+        self.pixels = pixels_for(self.classifier.model.preprocessing)
+        self.next = id(self) % max(1, len(self.pixels))
 
     @task
     def infer(self) -> None:
-        batch = PIXELS[self.next % len(PIXELS)][None]
+        batch = self.pixels[self.next % len(self.pixels)][None]
         self.next += 1
         start = time.perf_counter()
         error: Exception | None = None

@@ -25,7 +25,25 @@ import tensorflow as tf
 Transform = Callable[[tf.Tensor], tf.Tensor]
 
 
-class RandomGamma:
+class _SeededTransform:
+    """What the random intensity transforms share: a share of images transformed and an own generator.
+
+    Args:
+        probability: share of images transformed.
+        seed: seed of this transform's own generator.
+    """
+
+    def __init__(self, probability: float, seed: int) -> None:
+        self.probability = probability
+        self.generator = tf.random.Generator.from_seed(seed)
+
+    def _chosen(self, n: tf.Tensor, rank: int) -> tf.Tensor:
+        """A float mask of shape ``[n, 1, ...]`` (``rank`` dimensions): 1 for the images to transform."""
+        shape = tf.concat([[n], tf.ones([rank - 1], tf.int32)], axis=0)
+        return tf.cast(self.generator.uniform(shape) < self.probability, tf.float32)
+
+
+class RandomGamma(_SeededTransform):
     """Raise intensities (scaled to [0, 1]) to a random power, per image.
 
     Args:
@@ -35,18 +53,17 @@ class RandomGamma:
     """
 
     def __init__(self, low: float = 0.45, high: float = 2.2, probability: float = 0.5, seed: int = 0) -> None:
-        self.low, self.high, self.probability = low, high, probability
-        self.generator = tf.random.Generator.from_seed(seed)
+        super().__init__(probability, seed)
+        self.low, self.high = low, high
 
     def __call__(self, images: tf.Tensor) -> tf.Tensor:
         n = tf.shape(images)[0]
         log_gamma = self.generator.uniform([n, 1, 1, 1], tf.math.log(self.low), tf.math.log(self.high))
-        apply = self.generator.uniform([n, 1, 1, 1]) < self.probability
-        gamma = tf.where(apply, tf.exp(log_gamma), tf.ones_like(log_gamma))
+        gamma = tf.exp(log_gamma * self._chosen(n, 4))  # exponent 1 for the images left alone
         return 255.0 * tf.pow(tf.clip_by_value(images / 255.0, 0.0, 1.0), gamma)
 
 
-class RandomBiasField:
+class RandomBiasField(_SeededTransform):
     """Multiply by a smooth random field (a low-order polynomial), as MR coil sensitivity does.
 
     Args:
@@ -56,8 +73,8 @@ class RandomBiasField:
     """
 
     def __init__(self, amplitude: float = 0.5, probability: float = 0.5, seed: int = 0) -> None:
-        self.amplitude, self.probability = amplitude, probability
-        self.generator = tf.random.Generator.from_seed(seed)
+        super().__init__(probability, seed)
+        self.amplitude = amplitude
 
     def __call__(self, images: tf.Tensor) -> tf.Tensor:
         shape = tf.shape(images)
@@ -69,11 +86,10 @@ class RandomBiasField:
         field = tf.einsum("hwk,nk->nhw", basis, coefficients)
         field = field / (tf.reduce_max(tf.abs(field), axis=[1, 2], keepdims=True) + 1e-6)
         strength = self.amplitude * self.generator.uniform([n, 1, 1])
-        apply = tf.cast(self.generator.uniform([n, 1, 1]) < self.probability, tf.float32)
-        return images * (1.0 + apply * strength * field)[..., None]
+        return images * (1.0 + self._chosen(n, 3) * strength * field)[..., None]
 
 
-class RandomNoise:
+class RandomNoise(_SeededTransform):
     """Additive Gaussian noise with a random standard deviation, per image.
 
     Args:
@@ -83,15 +99,15 @@ class RandomNoise:
     """
 
     def __init__(self, max_sigma: float = 15.0, probability: float = 0.3, seed: int = 0) -> None:
-        self.max_sigma, self.probability = max_sigma, probability
-        self.generator = tf.random.Generator.from_seed(seed)
+        super().__init__(probability, seed)
+        self.max_sigma = max_sigma
 
     def __call__(self, images: tf.Tensor) -> tf.Tensor:
         n = tf.shape(images)[0]
         sigma = self.max_sigma * self.generator.uniform([n, 1, 1, 1])
-        apply = tf.cast(self.generator.uniform([n, 1, 1, 1]) < self.probability, tf.float32)
+        chosen = self._chosen(n, 4)
         noise = self.generator.normal(tf.shape(images)[:3])[..., None]  # one grey noise for all channels
-        return images + apply * sigma * noise
+        return images + chosen * sigma * noise
 
 
 def build_augmenter(seed: int, profile: str = "v1") -> Transform:

@@ -60,6 +60,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         augmentation=args.augmentation,
         crop_to_head=args.crop_to_head,
         normalize_intensity=args.normalize_intensity,
+        external=str(args.external) if args.external else None,
     )
     try:
         train(config, command=args.command_line)
@@ -342,9 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-per-class", type=int, default=None, help="train on a small subset (smoke tests)")
     p.add_argument(
         "--augmentation",
-        choices=["v1", "robust"],
+        choices=["v1", "robust", "sequence"],
         default="v1",
-        help="augmentation profile: v1 (mild) or robust (contrast, gamma, bias field, noise, framing)",
+        help="augmentation profile: v1 (mild), robust (contrast, gamma, bias field, noise, framing) or sequence "
+        "(robust plus the tissue contrasts of other MRI sequences: random intensity remapping, inversion)",
+    )
+    p.add_argument(
+        "--external",
+        default=None,
+        help="a manifest dataset (folder with manifest.csv, e.g. ../shared/data/mri-external) to train on too; "
+        "it is split by near-duplicate group into train, validation and test parts",
     )
     p.add_argument(
         "--crop-to-head",

@@ -91,6 +91,12 @@ class AuditReport:
         return json_path, md_path
 
 
+def perceptual_hash(source: Path | Image.Image) -> np.ndarray:
+    """The 256-bit perceptual hash of an image (a path or a grey Pillow image), as 32 packed bytes."""
+    grey = source if isinstance(source, Image.Image) else to_grey(load_image(source))
+    return np.packbits(imagehash.phash(grey, hash_size=HASH_SIZE).hash.flatten())
+
+
 def _inspect(data_dir: Path, record: ImageRecord) -> ImageFacts:
     facts = ImageFacts(record)
     try:
@@ -98,8 +104,7 @@ def _inspect(data_dir: Path, record: ImageRecord) -> ImageFacts:
         facts.size, facts.mode = image.size, image.mode
         grey = to_grey(image)
         facts.pixel_sha256 = hashlib.sha256(grey.tobytes()).hexdigest()
-        bits = imagehash.phash(grey, hash_size=HASH_SIZE).hash.flatten()
-        facts.phash = np.packbits(bits).tobytes()
+        facts.phash = perceptual_hash(grey).tobytes()
     except (InvalidImageError, OSError, Image.DecompressionBombError) as err:
         facts.error = str(err)
     return facts

@@ -6,11 +6,15 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from braintumor.config import IMAGE_SIZE, IMAGE_SUFFIXES, LABELS
 from braintumor.preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    from braintumor_training.external import ManifestRecord
 
 TRAIN_SPLIT = "Training"
 TEST_SPLIT = "Testing"
@@ -67,7 +71,7 @@ def scan_dataset(data_dir: Path, splits: Sequence[str] = (TRAIN_SPLIT, TEST_SPLI
 
 def load_arrays(
     data_dir: Path,
-    records: Iterable[ImageRecord],
+    records: Iterable[ImageRecord | ManifestRecord],
     size: int = IMAGE_SIZE,
     workers: int = 4,
     preprocessing: Preprocessing | None = None,
@@ -75,14 +79,15 @@ def load_arrays(
     """Preprocess ``records`` with the client SDK's :class:`~braintumor.preprocessing.Preprocessing`.
 
     Args:
-        data_dir: dataset root.
+        data_dir: dataset root (manifest records hold absolute paths).
         records: the images.
         size: side of the output when ``preprocessing`` is not given (then a plain resize).
         workers: preprocessing threads.
         preprocessing: the model version's preprocessing parameters.
 
     Returns:
-        ``(pixels, labels)``: uint8 ``(n, size, size, 3)`` and int32 ``(n,)``.
+        ``(pixels, labels)``: uint8 ``(n, size, size, 3)`` and int32 ``(n,)`` (-1 for a tumour whose type is
+        not one of the classes or not given).
     """
     records = list(records)
     data_dir = Path(data_dir)
@@ -94,5 +99,5 @@ def load_arrays(
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(_one, range(len(records))))
-    labels = np.array([r.label_index for r in records], dtype=np.int32)
+    labels = np.array([-1 if r.label_index is None else r.label_index for r in records], dtype=np.int32)
     return pixels, labels

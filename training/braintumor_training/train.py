@@ -21,17 +21,18 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from sklearn.utils.class_weight import compute_class_weight
 
 from braintumor.config import IMAGE_SIZE, LABELS
 from braintumor.preprocessing import Preprocessing
 from braintumor_training.audit import DEFAULT_NEAR_DUPLICATE_THRESHOLD, audit_dataset
 from braintumor_training.augment import build_augmenter
 from braintumor_training.dataset import ImageRecord, load_arrays
+from braintumor_training.external import ManifestRecord, external_split, read_manifest, target_mask
 from braintumor_training.model import build_classifier
 
 BEST_CHECKPOINT = "best.keras"
 LAST_CHECKPOINT = "last.keras"
+EXTERNAL_SPLIT_FILE = "external_split.json"
 
 
 class TrainingError(RuntimeError):
@@ -62,6 +63,8 @@ class TrainConfig:
         augmentation: augmentation profile, ``v1`` (mild) or ``robust`` (scanner and framing shifts).
         crop_to_head: preprocessing crops each image to the head (see :class:`braintumor.preprocessing.Preprocessing`).
         normalize_intensity: preprocessing stretches each image's intensity percentiles to 0–255.
+        external: optional manifest dataset (``manifest.csv``, see :mod:`braintumor_training.external`) whose
+            training part joins the training images and whose validation part joins validation.
     """
 
     data_dir: str
@@ -83,6 +86,7 @@ class TrainConfig:
     augmentation: str = "v1"
     crop_to_head: bool = False
     normalize_intensity: bool = False
+    external: str | None = None
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -97,6 +101,38 @@ def run_preprocessing(config: dict[str, Any]) -> Preprocessing:
         bool(config.get("crop_to_head", False)),
         bool(config.get("normalize_intensity", False)),
     )
+
+
+class SetCrossEntropy(keras.losses.Loss):
+    """Cross-entropy against a set of allowed classes: ``-log Σ_{k allowed} p_k``, with label smoothing.
+
+    ``y_true`` is a mask over the classes (:func:`braintumor_training.external.target_mask`): one-hot for a
+    class label, where this is the usual cross-entropy; every tumour class for a tumour of another or an
+    unstated type, where it is ``-log(1 − p(notumor))``, so no type is guessed. Label smoothing adds
+    ``ε · mean_k(−log p_k)``, which for one-hot targets equals Keras' label smoothing.
+
+    Args:
+        label_smoothing: ε.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "set_cross_entropy", **kwargs) -> None:
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        log_total = tf.reduce_logsumexp(y_pred, axis=-1)
+        allowed = tf.reduce_logsumexp(tf.where(y_true > 0, y_pred, -1e9), axis=-1)
+        uniform = log_total - tf.reduce_mean(y_pred, axis=-1)
+        return (1.0 - self.label_smoothing) * (log_total - allowed) + self.label_smoothing * uniform
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def set_accuracy(y_true, y_pred):
+    """Share of images whose top class is an allowed one (accuracy, or tumour detection for tumour-only)."""
+    top = tf.argmax(y_pred, axis=-1)
+    return tf.cast(tf.gather(y_true, top, batch_dims=1) > 0, tf.float32)
 
 
 class CollapseGuard(keras.callbacks.Callback):
@@ -152,29 +188,75 @@ def _select(records: list[ImageRecord], paths: list[str], limit: int | None, see
 
 def make_dataset(
     pixels: np.ndarray,
-    labels: np.ndarray,
+    targets: np.ndarray,
     batch_size: int,
     *,
     training: bool,
     seed: int,
     augmentation: str = "v1",
+    weights: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """A tf.data pipeline over already preprocessed uint8 pixels.
 
     The pixels come from :func:`braintumor.preprocessing.preprocess` (the client SDK's code), so the
     network sees in training exactly what a served model receives. Training batches are shuffled and
-    augmented; labels are one-hot for label smoothing.
+    augmented.
+
+    Args:
+        pixels: uint8 ``(n, size, size, 3)``.
+        targets: class indices ``(n,)``, or masks of allowed classes ``(n, classes)`` (see
+            :class:`SetCrossEntropy`).
+        batch_size: images per batch.
+        training: shuffle and augment.
+        seed: seed of shuffling and augmentation.
+        augmentation: the augmentation profile.
+        weights: optional per-image loss weights.
     """
-    one_hot = tf.one_hot(labels, len(LABELS))
-    ds = tf.data.Dataset.from_tensor_slices((pixels, one_hot))
+    masks = tf.one_hot(targets, len(LABELS)) if targets.ndim == 1 else tf.constant(targets, tf.float32)
+    columns = (pixels, masks) if weights is None else (pixels, masks, weights.astype(np.float32))
+    ds = tf.data.Dataset.from_tensor_slices(columns)
     if training:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(targets), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda x, *rest: (tf.cast(x, tf.float32), *rest), num_parallel_calls=tf.data.AUTOTUNE)
     if training:
         augmenter = build_augmenter(seed, augmentation)
-        ds = ds.map(lambda x, y: (augmenter(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda x, *rest: (augmenter(x), *rest), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def balanced_weights(kinds: np.ndarray) -> np.ndarray:
+    """Per-image weights that give each kind of target (a class, or "any tumour") the same total weight."""
+    values, inverse, counts = np.unique(kinds, return_inverse=True, return_counts=True)
+    per_kind = len(kinds) / (len(values) * counts)
+    return per_kind[inverse].astype(np.float32)
+
+
+def load_external(
+    config: TrainConfig, out_dir: Path | None = None, training_images: list[Path] | None = None
+) -> tuple[list[ManifestRecord], dict[str, Any]] | tuple[list, None]:
+    """The run's manifest dataset and its split (written to ``external_split.json`` in ``out_dir``).
+
+    Args:
+        config: the run's configuration.
+        out_dir: the run folder, where the split is kept (and read back when the run resumes).
+        training_images: the folder dataset's Training images: external groups near one of them stay in
+            the external training part.
+
+    Raises:
+        ManifestError: naming a bad manifest row, before anything is written.
+    """
+    if not config.external:
+        return [], None
+    records = read_manifest(Path(config.external))
+    saved = out_dir / EXTERNAL_SPLIT_FILE if out_dir is not None else None
+    if saved is not None and saved.exists():
+        split = json.loads(saved.read_text())
+    else:
+        split = external_split(records, config.threshold, config.seed, training_images=training_images or ())
+        if saved is not None:
+            saved.write_text(json.dumps(split, indent=1))
+    return records, split
 
 
 def _check_config(out_dir: Path, config: TrainConfig) -> None:
@@ -210,10 +292,13 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
         command: the command line to record in the run (defaults to ``sys.argv``).
     """
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     _check_config(out_dir, config)
     if (out_dir / LAST_CHECKPOINT).exists() and not (out_dir / "backup").exists():
         raise TrainingError(f"{out_dir} holds a finished run; evaluate it, or train into a new --out folder")
+    if config.external:  # a bad manifest row stops the run before anything is written
+        print(f"Checking {Path(config.external) / 'manifest.csv'} ...", flush=True)
+        read_manifest(Path(config.external))
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
     keras.utils.set_random_seed(config.seed)
 
@@ -237,12 +322,38 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     val_records = _select(records, report.split["val"], val_limit, config.seed)
     x_train, y_train = load_arrays(Path(config.data_dir), train_records, preprocessing=config.preprocessing)
     x_val, y_val = load_arrays(Path(config.data_dir), val_records, preprocessing=config.preprocessing)
-    print(f"Training on {len(y_train)} images, validating on {len(y_val)}", flush=True)
+    m_train, m_val = np.eye(len(LABELS), dtype=np.float32)[y_train], np.eye(len(LABELS), dtype=np.float32)[y_val]
+    kinds = np.array([LABELS[k] for k in y_train], dtype=object)
 
-    weights = compute_class_weight("balanced", classes=np.arange(len(LABELS)), y=y_train)
-    class_weight = {i: float(w) for i, w in enumerate(weights)}
+    training_images = [Path(config.data_dir) / p for p in report.split["train"] + report.split["val"]]
+    external, split = load_external(config, out_dir, training_images)
+    if external:
+        print(
+            f"  {config.external}: {split['n_groups']} near-duplicate groups, split by group; "
+            f"{split['near_other_training']} images near a Training image kept in its training part",
+            flush=True,
+        )
+        parts = split["parts"]
+        ext_train = [r for r in external if parts[r.path] == "train"]
+        ext_val = [r for r in external if parts[r.path] == "val"]
+        if config.limit_per_class is not None:
+            ext_train = ext_train[:: max(1, len(ext_train) // (2 * config.limit_per_class))]
+            ext_val = ext_val[:: max(1, len(ext_val) // max(2, config.limit_per_class // 2))]
+        extra: list[np.ndarray] = []
+        for records_part in (ext_train, ext_val):
+            pixels, _ = load_arrays(Path("/"), records_part, preprocessing=config.preprocessing)
+            extra.append(pixels)
+        x_train = np.concatenate([x_train, extra[0]])
+        x_val = np.concatenate([x_val, extra[1]])
+        m_train = np.concatenate([m_train, np.stack([target_mask(r.finding) for r in ext_train])])
+        m_val = np.concatenate([m_val, np.stack([target_mask(r.finding) for r in ext_val])])
+        kinds = np.concatenate([kinds, [r.finding if r.label_index is not None else "tumor" for r in ext_train]])
+    print(f"Training on {len(m_train)} images, validating on {len(m_val)}", flush=True)
 
-    steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
+    sample_weight = balanced_weights(kinds)
+    class_weight = {str(k): float(w) for k, w in sorted(zip(kinds, sample_weight, strict=True))}
+
+    steps_per_epoch = math.ceil(len(m_train) / config.batch_size)
     warmup = config.warmup_epochs * steps_per_epoch
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=config.learning_rate / 100,
@@ -254,8 +365,8 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     model = build_classifier(config.image_size, weights=Path(config.weights) if config.weights else None)
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay),
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
-        metrics=["accuracy"],
+        loss=SetCrossEntropy(label_smoothing=config.label_smoothing),
+        metrics=[set_accuracy],
     )
     # The probe mixes classes: a single-class probe has a small spread even when the model is healthy.
     probe_idx = np.concatenate([np.flatnonzero(y_val == k)[:16] for k in range(len(LABELS))])
@@ -277,11 +388,16 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     started = time.time()
     history = model.fit(
         make_dataset(
-            x_train, y_train, config.batch_size, training=True, seed=config.seed, augmentation=config.augmentation
+            x_train,
+            m_train,
+            config.batch_size,
+            training=True,
+            seed=config.seed,
+            augmentation=config.augmentation,
+            weights=sample_weight,
         ),
-        validation_data=make_dataset(x_val, y_val, 64, training=False, seed=config.seed),
+        validation_data=make_dataset(x_val, m_val, 64, training=False, seed=config.seed),
         epochs=config.epochs,
-        class_weight=class_weight,
         callbacks=callbacks,
         verbose=1 if sys.stdout.isatty() else 2,
     )
@@ -295,8 +411,8 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "train_seconds_this_session": round(elapsed, 1),
         "epochs_run": len(history.history.get("loss", [])),
-        "train_images": len(y_train),
-        "val_images": len(y_val),
+        "train_images": len(m_train),
+        "val_images": len(m_val),
         "class_weight": class_weight,
         "versions": {
             "tensorflow": tf.__version__,

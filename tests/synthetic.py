@@ -42,3 +42,31 @@ def make_dataset(root: Path, per_class: dict[str, int], seed: int = 0, size: int
             for i in range(n):
                 random_slice(rng, size, k).save(folder / f"{split[:2]}_{label}_{i:03d}.png")
     return root
+
+
+def make_manifest_dataset(root: Path, per_stratum: int = 4, seed: int = 0, size: int = 96) -> Path:
+    """Write a tiny manifest dataset (``root/manifest.csv`` and ``root/images/``), like ``mri-external``.
+
+    Two sources and three sequences; findings glioma, meningioma, other_tumor, tumor and notumor; each
+    image drawn anew (no near duplicates), ``per_stratum`` of each (source, sequence, finding).
+    """
+    rng = np.random.default_rng(seed)
+    strata = [
+        ("feltrin", sequence, finding)
+        for sequence in ("T1", "T1C", "T2")
+        for finding in ("glioma", "meningioma", "other_tumor", "notumor")
+    ] + [("br35h", "unknown", "tumor")]
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = ["path,source,sequence,finding,detail,original"]
+    for source, sequence, finding in strata:
+        label = LABELS.index(finding) if finding in LABELS else 3
+        for i in range(per_stratum):
+            image = random_slice(rng, size, label)
+            if sequence == "T2":  # bright fluid: invert the head
+                pixels = np.asarray(image)
+                image = Image.fromarray(np.where(pixels > 8, 255 - pixels, 0).astype(np.uint8), mode="L")
+            name = f"images/{source}_{sequence}_{finding}_{i:03d}.jpg"
+            image.save(root / name, quality=95)
+            rows.append(f"{name},{source},{sequence},{finding},{finding},orig/{i}.jpg")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root

@@ -174,13 +174,16 @@ def split_groups(
     strata_codes = np.unique(np.asarray(strata), return_inverse=True)[1]
     n = len(strata_codes)
     part = np.array(["train"] * n, dtype=object)
-    # test first: StratifiedGroupKFold with k folds holds out about 1/k in one fold
-    test_folds = max(2, round(1.0 / fractions[2]))
-    splitter = StratifiedGroupKFold(n_splits=test_folds, shuffle=True, random_state=seed)
+
+    def folds(share: float, codes: np.ndarray) -> int:
+        # StratifiedGroupKFold with k folds holds out about 1/k in one fold; a tiny set caps k
+        return max(2, min(round(1.0 / share), int(np.bincount(codes).max())))
+
+    splitter = StratifiedGroupKFold(n_splits=folds(fractions[2], strata_codes), shuffle=True, random_state=seed)
     rest, test = next(splitter.split(np.zeros(n), strata_codes, groups))
     part[test] = "test"
-    val_folds = max(2, round((1.0 - fractions[2]) / fractions[1]))
-    splitter = StratifiedGroupKFold(n_splits=val_folds, shuffle=True, random_state=seed + 1)
+    val_share = fractions[1] / (1.0 - fractions[2])
+    splitter = StratifiedGroupKFold(n_splits=folds(val_share, strata_codes[rest]), shuffle=True, random_state=seed + 1)
     _, val = next(splitter.split(np.zeros(len(rest)), strata_codes[rest], groups[rest]))
     part[rest[val]] = "val"
     return part.tolist()

@@ -94,7 +94,7 @@ def test_sigkill_restart_and_stub_kill_lose_nothing(tmp_path, capsys):
             while answered() < 400:
                 time.sleep(0.01)
             os.kill(server.process.pid, signal.SIGKILL)  # (a) the server dies
-            server.process.wait()
+            server.stop()  # as `braintumor serve` does when Triton dies: its HTTP front goes too
             time.sleep(1.0)
             restarted = TritonServer(config).start()  # same ports, same repository
             restarted.wait_until_ready(120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import shutil
 import ssl
 import subprocess
@@ -110,12 +111,28 @@ def _https_ready(server: TritonServer, pki: Path, client_cert: bool) -> int:
         return response.status
 
 
+def _https_issue_17(server: TritonServer, pki: Path) -> tuple[int, dict]:
+    """POST issue 17's request (a tensor declared beyond memory) over HTTPS."""
+    body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 100000, 100000, 3], "data": [0]}]}
+    request = urllib.request.Request(
+        f"https://{server.config.http_url}/v2/models/braintumor/infer", data=json.dumps(body).encode()
+    )
+    try:
+        with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=str(pki / "ca.pem"))) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
 def test_grpc_and_http_over_tls(certificates, tmp_path):
     image = random_slice(np.random.default_rng(0))
     with _server(tmp_path, certificates, mutual=False) as server:
         server.wait_until_ready(120)
         url = server.config.grpc_url
         assert _https_ready(server, certificates, client_cert=False) == 200
+        status, answer = _https_issue_17(server, certificates)  # the front checks HTTPS requests too
+        assert status == 400 and "shape" in answer["error"]
+        assert server.process.poll() is None and _https_ready(server, certificates, client_cert=False) == 200
         with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
             urllib.request.urlopen(f"http://{server.config.http_url}/v2/health/ready", timeout=5)
         with TumorClassifier(url, ssl=True, root_certificates=str(certificates / "ca.pem")) as secure:

@@ -1,5 +1,9 @@
 """Start, check and stop the embedded Triton server (the ``tritonserver`` in the nvidia-pytriton wheel).
 
+Triton's own HTTP server listens on a loopback port, its inference API restricted to a key; the public HTTP
+port is served by the front in :mod:`.front`, which checks inference requests before relaying them (Triton
+2.51 aborts on some malformed ones) and terminates TLS.
+
 The wheel ships the server binary, the python backend and one backend *stub* per Python version. This
 module assembles a backend directory from them (the stub for the running Python, plus this project's
 ``onnxruntime_python`` backend), and starts the server with this virtual environment first on ``PATH``:
@@ -29,7 +33,7 @@ from types import FrameType
 
 from braintumor.config import DEFAULT_MODEL_REPOSITORY
 from braintumor.model_repository import CONFIG_FILE, CPU_CONFIG_NAME, versions
-from braintumor_serving.tls_proxy import TlsProxy, server_context
+from braintumor_serving.front import FRONT_KEY_HEADER, HttpFront, new_key, server_context
 
 BACKEND_NAME = "onnxruntime_python"
 #: Triton APIs that only callers sending the admin key may use (everything but health, metadata,
@@ -221,12 +225,14 @@ class ServerConfig:
         http_port, grpc_port, metrics_port: the three endpoints' ports.
         model_config_name: the ``configs/<name>.pbtxt`` to use (``cpu`` for this server's backend).
         log_file: where the server's own log goes (default: a file in its temporary folder).
-        tls_cert, tls_key: PEM files: serve gRPC (natively) and HTTP over TLS. Triton's HTTP server has no
-            TLS, so with TLS on it listens on a loopback port and a TLS proxy (:mod:`.tls_proxy`) serves
-            ``host:http_port``.
+        internal_http_port: the loopback port of Triton's own HTTP server, behind the front (:mod:`.front`)
+            that serves ``host:http_port``; 0 picks a free one.
+        tls_cert, tls_key: PEM files: serve gRPC (natively) and HTTP (the front) over TLS.
         tls_client_ca: PEM file of the CA that signs client certificates: mutual TLS (needs the above).
         admin_key: the key that unlocks the administrative APIs (:data:`RESTRICTED_APIS`); by default a
             random key that only this process knows, so they are closed to everyone else.
+        inference_key: the key that Triton's HTTP inference API requires; random, known only to the front,
+            which adds it to the inference requests it has checked.
         extra_args: further ``tritonserver`` arguments.
     """
 
@@ -242,6 +248,7 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+    inference_key: str = field(default_factory=new_key, repr=False)
     extra_args: list[str] = field(default_factory=list)
 
     @property
@@ -256,8 +263,8 @@ class ServerConfig:
 
     @property
     def local_http_url(self) -> str:
-        """``host:port`` of Triton's own, plain HTTP endpoint (on loopback behind the proxy when TLS is on)."""
-        return f"127.0.0.1:{self.internal_http_port}" if self.tls_cert is not None else self.http_url
+        """``host:port`` of Triton's own, plain HTTP endpoint, on loopback behind the front."""
+        return f"127.0.0.1:{self.internal_http_port}"
 
     @property
     def metrics_url(self) -> str:
@@ -277,18 +284,17 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.models: dict[str, list[int]] = {}
         self._workdir: Path | None = None
-        self._proxy: TlsProxy | None = None
+        self._front: HttpFront | None = None
         self.log_file: Path | None = None
 
     def command(self, backend_directory: Path) -> list[str]:
         """The ``tritonserver`` command line."""
         c = self.config
-        tls = c.tls_cert is not None
         args = [
             f"--model-repository={c.repository.resolve()}",
             f"--backend-directory={backend_directory}",
-            f"--http-address={'127.0.0.1' if tls else c.host}",
-            f"--http-port={c.internal_http_port if tls else c.http_port}",
+            "--http-address=127.0.0.1",
+            f"--http-port={c.internal_http_port}",
             f"--grpc-address={c.host}",
             f"--grpc-port={c.grpc_port}",
             f"--metrics-address={c.host}",
@@ -301,10 +307,11 @@ class TritonServer:
             "--model-control-mode=none",
             f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_KEY_HEADER}={c.admin_key}",
             f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_KEY_HEADER}={c.admin_key}",
+            f"--http-restricted-api=inference:{FRONT_KEY_HEADER}={c.inference_key}",
         ]
         if c.model_config_name:
             args.append(f"--model-config-name={c.model_config_name}")
-        if tls:
+        if c.tls_cert is not None:
             args += [f"--grpc-server-cert={c.tls_cert}", f"--grpc-server-key={c.tls_key}"]
             if c.tls_client_ca:
                 args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={c.tls_client_ca}"]
@@ -326,14 +333,16 @@ class TritonServer:
         check_python_environment(bin_dir)
         for what, port in (("HTTP", c.http_port), ("gRPC", c.grpc_port), ("metrics", c.metrics_port)):
             check_port_free(c.host, port, what)
-        if c.tls_cert is not None:
-            if not c.internal_http_port:
-                (c.internal_http_port,) = free_ports(1)
-            try:
-                context = server_context(c.tls_cert, c.tls_key, c.tls_client_ca)
-                self._proxy = TlsProxy((c.host, c.http_port), ("127.0.0.1", c.internal_http_port), context).start()
-            except (OSError, ssl.SSLError) as err:
-                raise ServeError(f"cannot serve HTTPS on {c.host}:{c.http_port}: {err}") from err
+        if not c.internal_http_port:
+            (c.internal_http_port,) = free_ports(1)
+        scheme = "HTTPS" if c.tls_cert is not None else "HTTP"
+        try:
+            context = None if c.tls_cert is None else server_context(c.tls_cert, c.tls_key, c.tls_client_ca)
+            self._front = HttpFront(
+                (c.host, c.http_port), ("127.0.0.1", c.internal_http_port), c.inference_key, context
+            ).start()
+        except (OSError, ssl.SSLError) as err:
+            raise ServeError(f"cannot serve {scheme} on {c.host}:{c.http_port}: {err}") from err
         self._workdir = Path(tempfile.mkdtemp(prefix="braintumor-triton-"))
         backends = prepare_backend_directory(bundle, self._workdir / "backends")
         self.log_file = c.log_file or self._workdir / "tritonserver.log"
@@ -398,9 +407,9 @@ class TritonServer:
                     self.process.kill()
                     self.process.wait()
             code = self.process.returncode
-        if self._proxy is not None:
-            self._proxy.stop()
-            self._proxy = None
+        if self._front is not None:
+            self._front.stop()
+            self._front = None
         if self._workdir and self.config.log_file is None:
             shutil.rmtree(self._workdir, ignore_errors=True)
         return code

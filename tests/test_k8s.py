@@ -15,6 +15,7 @@ yaml = pytest.importorskip("yaml")
 
 from braintumor.config import MODEL_NAME, PROJECT_ROOT
 from braintumor.model_repository import CPU_CONFIG_NAME
+from braintumor_serving.front import FRONT_KEY_HEADER
 from braintumor_serving.triton import ServerConfig, TritonServer
 
 K8S = PROJECT_ROOT / "deploy" / "k8s"
@@ -125,6 +126,15 @@ def test_ports_probes_and_flags_match_the_serving_code(rendered, name):
         args = TritonServer(ServerConfig(admin_key="$(ADMIN_KEY)")).command(Path("/backends"))
     assert "--model-control-mode=none" in args
     assert f"--http-restricted-api={RESTRICTED}" in args and f"--grpc-restricted-protocol={RESTRICTED}" in args
+    # HTTP inference reaches Triton only through serve's checking front (cpu: Triton's HTTP on loopback, with
+    # the front's key) or from admin-key holders (gpu): Triton aborts on some malformed HTTP inference requests.
+    # gRPC inference, which refuses them cleanly, stays open.
+    if name == "cpu":
+        assert "--http-address=127.0.0.1" in args
+        assert any(a.startswith(f"--http-restricted-api=inference:{FRONT_KEY_HEADER}=") for a in args)
+    else:
+        assert "--http-restricted-api=inference:admin-key=$(ADMIN_KEY)" in args
+    assert not any("inference" in a for a in args if a.startswith("--grpc-restricted-protocol"))
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] and security["capabilities"]["drop"] == ["ALL"]
     assert security["seccompProfile"]["type"] == "RuntimeDefault" and security["runAsNonRoot"]

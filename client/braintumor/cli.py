@@ -70,11 +70,73 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _external_dir(args: argparse.Namespace, split_file: Path) -> Path | None:
+    """The manifest dataset of ``--external-split``: ``--external``, else the one its run was trained with."""
+    if args.external:
+        return Path(args.external)
+    config = split_file.parent / "config.json"
+    if config.exists():
+        import json
+
+        external = json.loads(config.read_text()).get("external")
+        return Path(external) if external else None
+    return None
+
+
+def _cmd_evaluate_version(args: argparse.Namespace) -> int:
+    from braintumor.config import DEFAULT_DATA_DIR
+    from braintumor_training.dataset import DatasetError
+    from braintumor_training.evaluate import EvaluationError, evaluate_published
+    from braintumor_training.subgroups import render_targets
+
+    if not args.external_split:
+        print("braintumor evaluate: --version needs --external-split (a run's external_split.json)", file=sys.stderr)
+        return 2
+    split_file = Path(args.external_split)
+    manifest = _external_dir(args, split_file)
+    if manifest is None:
+        print(f"braintumor evaluate: say where the manifest dataset of {split_file} is (--external)", file=sys.stderr)
+        return 2
+    data = Path(args.data) if args.data else (DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None)
+    out = Path(args.out or f"docs/v{args.version}/external")
+    try:
+        result = evaluate_published(
+            args.version, split_file, manifest, out, data, Path(args.repository), args.model_name
+        )
+    except (EvaluationError, DatasetError) as err:
+        print(f"braintumor evaluate: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(render_targets(result["targets"])))
+    print(f"Wrote {out}/subgroups.md, subgroups.png and subgroups.json")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     _require_training()
-    from braintumor_training.evaluate import evaluate_run
+    if args.version is not None:
+        if args.run_dir:
+            print("braintumor evaluate: give a run folder or --version, not both", file=sys.stderr)
+            return 2
+        return _cmd_evaluate_version(args)
+    if not args.run_dir:
+        print("braintumor evaluate: give a run folder (or --version N for a published version)", file=sys.stderr)
+        return 2
+    from braintumor_training.dataset import DatasetError
+    from braintumor_training.evaluate import EvaluationError, evaluate_run
+    from braintumor_training.subgroups import render_targets
 
-    metrics = evaluate_run(Path(args.run_dir), data_dir=Path(args.data) if args.data else None, tta=args.tta)
+    try:
+        metrics = evaluate_run(
+            Path(args.run_dir),
+            data_dir=Path(args.data) if args.data else None,
+            tta=args.tta,
+            compare_version=args.compare_version,
+            repository=Path(args.repository),
+            model_name=args.model_name,
+        )
+    except (EvaluationError, DatasetError) as err:
+        print(f"braintumor evaluate: {err}", file=sys.stderr)
+        return 2
     for split in ("test", "test_leak_free"):
         m = metrics[split]
         print(
@@ -82,6 +144,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"tumor sensitivity={m['tumor_sensitivity']:.4f} specificity={m['tumor_specificity']:.4f} "
             f"ECE={m['ece']:.4f}"
         )
+    for split in ("external_val", "external_test"):
+        if split in metrics:
+            m = metrics[split]
+            print(
+                f"{split:15s} n={m['n_images']:5d} typed={m['n_labelled']} accuracy(typed)={m['accuracy']:.4f} "
+                f"tumor sensitivity={m['tumor_sensitivity']:.4f} specificity={m['tumor_specificity']:.4f} "
+                f"ECE(typed)={m['ece']:.4f} ECE(tumor probability)={m['tumor_ece']:.4f}"
+            )
+    print("\n".join(render_targets(metrics["targets"])))
     print(f"Report: {Path(args.run_dir) / 'evaluation' / 'report.md'}")
     return 0
 
@@ -369,8 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a run on Testing and its leak-free subset")
-    p.add_argument("run_dir")
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a run (or, with --version, a published version) on its test sets, by subgroup",
+    )
+    p.add_argument("run_dir", nargs="?", default=None, help="the run folder (omit with --version)")
     p.add_argument("--data", default=None, help="dataset root (default: the one the run was trained on)")
     p.add_argument(
         "--tta",
@@ -393,6 +467,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("robustness", help="accuracy of a published version under scanner and acquisition shifts")
+    p.add_argument(
+        "--compare-version",
+        type=int,
+        default=None,
+        help="a published version to score on the run's test images too, shown beside it (report, model card)",
+    )
+    p.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        help="instead of a run: a published version's subgroups on the test part of --external-split",
+    )
+    p.add_argument("--external-split", default=None, help="with --version: a run's external_split.json")
+    p.add_argument(
+        "--external",
+        default=None,
+        help="with --version: the manifest dataset (default: the one of the run beside --external-split)",
+    )
+    p.add_argument("--out", default=None, help="with --version: report folder (default: docs/v<N>/external)")
+    p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
+    p.add_argument("--model-name", default=MODEL_NAME)
     p.add_argument("--version", type=int, default=None, help="published version (default: the latest)")
     p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
     p.add_argument("--model-name", default=MODEL_NAME)

@@ -1,30 +1,51 @@
-"""``braintumor evaluate``: test-set metrics, temperature scaling, figures and a Markdown report.
+"""``braintumor evaluate``: test-set metrics, temperature scaling, subgroups, figures and a Markdown report.
 
 Writes ``RUN_DIR/evaluation/`` with ``metrics.json``, ``report.md`` and PNG figures. The calibration
-temperature is fitted on the validation split (never on Testing) and stored in ``metrics.json`` so that
+temperature is fitted on validation (never on a test set) and stored in ``metrics.json`` so that
 ``braintumor export`` builds it into the served model.
+
+A run trained with a manifest dataset (``config.json`` ``external``) is also judged on that dataset's
+validation part (``external_val``, for information) and test part (``external_test``, never used for any
+choice), as the run split it (``external_split.json``). Its validation is then the folder dataset's
+validation plus ``external_val``, and the temperature is fitted on both: a tumour whose type is not one of
+the classes counts with the likelihood of its allowed set, ``1 − p(notumor)`` (the loss training uses for
+it), so every validation image counts and no type is guessed.
+
+Every test set is also broken into subgroups (:mod:`braintumor_training.subgroups`): per source, sequence
+and finding, or per class, with 95 % Wilson intervals. :func:`evaluate_published` does the same for a
+published ONNX version, so versions compare on the same images.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import keras
 import matplotlib
 import numpy as np
+import onnxruntime as ort
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from braintumor.config import LABELS
+from braintumor.config import DEFAULT_MODEL_REPOSITORY, INPUT_NAME, LABELS, MODEL_NAME, OUTPUT_NAME
+from braintumor.model_repository import MODEL_FILE, PREPROCESSING_FILE
+from braintumor.preprocessing import Preprocessing
 from braintumor_training.dataset import TEST_SPLIT, ImageRecord, load_arrays, scan_dataset
+from braintumor_training.external import ManifestRecord, read_manifest
 from braintumor_training.metrics import calibrated, classification_metrics, fit_temperature
 from braintumor_training.model import tta_logits
-from braintumor_training.train import BEST_CHECKPOINT, run_preprocessing
+from braintumor_training.subgroups import check_targets, compact, plot_forest, render_table, render_targets, score_set
+from braintumor_training.train import BEST_CHECKPOINT, EXTERNAL_SPLIT_FILE, run_preprocessing
 
 EVALUATION_DIR = "evaluation"
+#: The sets broken into subgroups, in report order.
+SUBGROUP_SETS = ("test", "test_leak_free", "external_test", "external_val")
+#: Images per ONNX Runtime call when scoring a published version.
+ONNX_BATCH = 32
 
 
 class EvaluationError(RuntimeError):
@@ -52,6 +73,35 @@ def run_sets(data_dir: Path, audit: dict[str, Any]) -> dict[str, list[ImageRecor
         "test": test,
         "test_leak_free": [r for r in test if r.path in leak_free],
     }
+
+
+def external_parts(
+    split_file: Path, manifest_dir: Path, parts: tuple[str, ...] = ("val", "test")
+) -> dict[str, list[ManifestRecord]]:
+    """The parts of a manifest dataset as a run split it: ``{"external_val": [...], "external_test": [...]}``.
+
+    Args:
+        split_file: the run's ``external_split.json`` (absolute image paths to ``train``/``val``/``test``).
+        manifest_dir: the manifest dataset's folder.
+        parts: which parts.
+
+    Raises:
+        EvaluationError: when the split file is missing or names none of the manifest's images.
+    """
+    if not Path(split_file).exists():
+        raise EvaluationError(f"{split_file} not found: the run's split of its external dataset is needed")
+    split = json.loads(Path(split_file).read_text())["parts"]
+    records = read_manifest(Path(manifest_dir), check_images=False)
+    if not any(r.path in split for r in records):
+        raise EvaluationError(f"{split_file} names none of the images of {manifest_dir} (moved since training?)")
+    return {f"external_{part}": [r for r in records if split.get(r.path) == part] for part in parts}
+
+
+def external_sets(run_dir: Path, config: dict[str, Any]) -> dict[str, list[ManifestRecord]]:
+    """A run's external validation and test parts (empty when it was trained without a manifest dataset)."""
+    if not config.get("external"):
+        return {}
+    return external_parts(Path(run_dir) / EXTERNAL_SPLIT_FILE, Path(config["external"]))
 
 
 def load_classifier(run_dir: Path) -> keras.Model:
@@ -122,8 +172,98 @@ def summary_rows(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: How reports name the evaluated sets.
+SET_TITLES = {
+    "validation": "validation",
+    "test": "Testing",
+    "test_leak_free": "Testing, leak-free subset",
+    "external_test": "external test part",
+    "external_val": "external validation part (for information: it is part of the validation the temperature "
+    "was fitted on)",
+}
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+
+
+def external_summary_rows(
+    sets: dict[str, Any], names: tuple[str, ...] = ("external_val", "external_test")
+) -> list[str]:
+    """A Markdown table of the manifest dataset's parts: screening on every image, classes on the typed ones.
+
+    Args:
+        sets: scored sets by name (:func:`~braintumor_training.subgroups.score_set`).
+        names: which sets, when present.
+    """
+    lines = [
+        "| set | images | with one of the 4 classes | tumour sensitivity | specificity | tumour ROC AUC | "
+        "accuracy (those) | ECE (those, top label) | ECE (tumour probability, all) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        if name not in sets:
+            continue
+        m = sets[name]
+        lines.append(
+            f"| {name} | {m['n_images']} | {m['n_labelled']} | {_number(m['tumor_sensitivity'])} | "
+            f"{_number(m['tumor_specificity'])} | {_number(m.get('tumor_auc'))} | {_number(m['accuracy'])} | "
+            f"{_number(m['ece'])} | "
+            f"{_number(m['tumor_ece'])} |"
+        )
+    return lines
+
+
+def subgroup_sections(
+    sets_by_model: dict[str, dict[str, Any]], targets: list[dict[str, Any]], figure: str | None, level: str = "##"
+) -> list[str]:
+    """Markdown: the targets, then one subgroup table per evaluated set (models side by side), the figure.
+
+    Args:
+        sets_by_model: for each model (column name), its scored sets by name; the last is the one judged.
+        targets: :func:`~braintumor_training.subgroups.check_targets` of the last model.
+        figure: the forest plot's file name, or ``None``.
+        level: Markdown heading level of the section.
+    """
+    last = sets_by_model[list(sets_by_model)[-1]]
+    lines = [
+        f"{level} Subgroups",
+        "",
+        "Proportions with their 95 % Wilson intervals (k/n where one model is shown). Tumour sensitivity counts "
+        "every tumour, typed or not; specificity the normal slices; class accuracy the images whose type is "
+        "one of the classes (*class counted*: on the external data gliomas and meningiomas, as it has no "
+        "pituitary tumours; on Testing all four classes), by the top class of all four; glioma vs meningioma only "
+        "which of the two is more probable. Tumours of another or an unstated type (`other_tumor`, `tumor`) "
+        "never count toward a class accuracy. A subgroup with exactly the images of a row above is left out.",
+        "",
+        "Targets (judged on the point estimate):",
+        "",
+        *render_targets(targets),
+        "",
+    ]
+    if any(name in last for name in ("external_test", "external_val")):
+        for model, sets in sets_by_model.items():
+            if len(sets_by_model) > 1:
+                lines += [f"{model}:", ""]
+            lines += [*external_summary_rows(sets), ""]
+    for name in SUBGROUP_SETS:
+        if name not in last:
+            continue
+        rows = {model: sets[name]["subgroups"] for model, sets in sets_by_model.items() if name in sets}
+        lines += [
+            f"{level}# {SET_TITLES[name]} ({last[name]['n_images']} images)",
+            "",
+            *render_table(rows),
+            "",
+        ]
+    if figure:
+        lines += [f"![tumour sensitivity and specificity per subgroup]({figure})", ""]
+    return lines
+
+
 def render_report(metrics: dict[str, Any]) -> str:
     """The evaluation report in Markdown."""
+    fit = metrics.get("temperature_fit")
     lines = [
         "# Evaluation report",
         "",
@@ -137,6 +277,15 @@ def render_report(metrics: dict[str, Any]) -> str:
             else ""
         ),
         "",
+        *(
+            [
+                f"The validation the temperature was fitted on: {' + '.join(fit['sets'])}, {fit['n_images']} images, "
+                f"{fit['n_tumor_only']} of them tumours whose type is not one of the classes; {fit['loss']}.",
+                "",
+            ]
+            if fit and len(fit["sets"]) > 1
+            else []
+        ),
         *summary_rows(metrics),
         "",
         "The leak-free subset holds the Testing images with no near duplicate in Training (see the audit).",
@@ -157,10 +306,151 @@ def render_report(metrics: dict[str, Any]) -> str:
             "",
         ]
     lines += ["## Calibration", "", "![reliability diagram](reliability.png)", ""]
+    if "targets" in metrics:
+        sets_by_model = {}
+        if "comparison" in metrics:
+            sets_by_model[f"v{metrics['comparison']['version']}"] = metrics["comparison"]["sets"]
+        sets_by_model["this run"] = {k: metrics[k] for k in SUBGROUP_SETS if k in metrics}
+        if "comparison" in metrics:
+            lines += [
+                f"Compared with published version {metrics['comparison']['version']} on the same images, each "
+                "version through its own preprocessing and with its own built-in temperature.",
+                "",
+            ]
+        lines += subgroup_sections(sets_by_model, metrics["targets"], "subgroups.png")
     return "\n".join(lines)
 
 
-def evaluate_run(run_dir: Path, data_dir: Path | None = None, tta: str = "none") -> dict[str, Any]:
+def _shown(path: Path) -> str:
+    """A path as reports show it: relative to the working folder (no machine-specific prefix)."""
+    return os.path.relpath(Path(path).resolve())
+
+
+def _labels(records: list[ImageRecord | ManifestRecord]) -> np.ndarray:
+    return np.array([-1 if r.label_index is None else r.label_index for r in records], dtype=np.int32)
+
+
+def version_preprocessing(version_dir: Path) -> Preprocessing:
+    """A published version's own preprocessing (``preprocessing.json``; without it, a plain resize)."""
+    path = Path(version_dir) / PREPROCESSING_FILE
+    if path.exists():
+        return Preprocessing.from_json(path.read_text())
+    session = ort.InferenceSession(str(Path(version_dir) / MODEL_FILE), providers=["CPUExecutionProvider"])
+    return Preprocessing(int(session.get_inputs()[0].shape[1]))
+
+
+def score_version(
+    version_dir: Path,
+    sets: dict[str, tuple[Path, list[ImageRecord | ManifestRecord]]],
+    pixels: dict[str, np.ndarray] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Score image sets with a published version's ONNX model, through its own preprocessing.
+
+    Args:
+        version_dir: ``model_repository/<model>/<N>``.
+        sets: by name (``test``, ``test_leak_free``, ``external_test``, ...): the data root (``/`` for
+            manifest records, whose paths are absolute) and the records.
+        pixels: already preprocessed pixels of some sets, made with this version's preprocessing.
+
+    Returns:
+        :func:`~braintumor_training.subgroups.score_set` of each set, with the version's served (calibrated)
+        probabilities.
+    """
+    session = ort.InferenceSession(str(Path(version_dir) / MODEL_FILE), providers=["CPUExecutionProvider"])
+    preprocessing = version_preprocessing(version_dir)
+    scored = {}
+    for name, (root, records) in sets.items():
+        if not records:
+            continue
+        x = pixels[name] if pixels and name in pixels else load_arrays(root, records, preprocessing=preprocessing)[0]
+        probabilities = np.concatenate(
+            [session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + ONNX_BATCH]})[0] for i in range(0, len(x), ONNX_BATCH)]
+        )
+        scored[name] = score_set(probabilities, _labels(records), records, external=name.startswith("external"))
+    return scored
+
+
+def evaluate_published(
+    version: int,
+    split_file: Path,
+    manifest_dir: Path,
+    out: Path,
+    data_dir: Path | None = None,
+    repository: Path = DEFAULT_MODEL_REPOSITORY,
+    model_name: str = MODEL_NAME,
+) -> dict[str, Any]:
+    """Subgroups of a published version on a run's external test part (and on Testing): a report in ``out``.
+
+    Writes ``subgroups.json`` (summaries and subgroup rows, no per-image data), ``subgroups.md`` and the
+    forest plot ``subgroups.png``.
+
+    Args:
+        version: the published version.
+        split_file: a run's ``external_split.json``: its ``test`` part is scored, never trained or tuned on.
+        manifest_dir: the manifest dataset's folder.
+        out: the report folder.
+        data_dir: the folder dataset (its ``Testing`` split and, from the version's ``metrics.json``, the
+            leak-free subset are scored too); ``None`` skips it.
+        repository: the model repository.
+        model_name: the model's name in it.
+
+    Raises:
+        EvaluationError: when the version or the split is missing.
+    """
+    version_dir = Path(repository) / model_name / str(version)
+    if not (version_dir / MODEL_FILE).exists():
+        raise EvaluationError(f"version {version} of {model_name} is not published in {repository}")
+    published = (
+        json.loads((version_dir / "metrics.json").read_text()) if (version_dir / "metrics.json").exists() else {}
+    )
+    sets: dict[str, tuple[Path, list[ImageRecord | ManifestRecord]]] = {}
+    if data_dir is not None:
+        testing = scan_dataset(Path(data_dir), (TEST_SPLIT,))
+        sets["test"] = (Path(data_dir), testing)
+        leak_free = set(published.get("leak_free_test_images", []))
+        clean = [r for r in testing if r.path in leak_free]
+        if clean:  # the version's own audit of the same dataset
+            sets["test_leak_free"] = (Path(data_dir), clean)
+    sets["external_test"] = (Path("/"), external_parts(split_file, manifest_dir, ("test",))["external_test"])
+    scored = score_version(version_dir, sets)
+    model = f"v{version}"
+    result = {
+        "model": f"{model_name} version {version}",
+        "version": version,
+        "external_split": _shown(split_file),
+        "manifest": _shown(manifest_dir),
+        "data_dir": _shown(data_dir) if data_dir is not None else None,
+        "preprocessing": version_preprocessing(version_dir).to_dict(),
+        "sets": {name: compact(m) for name, m in scored.items()},
+        "targets": check_targets(scored),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "subgroups.json").write_text(json.dumps(result, indent=1))
+    plot_forest({model: scored}, out / "subgroups.png", f"{model_name} version {version} by subgroup")
+    lines = [
+        f"# {model_name} version {version} by subgroup",
+        "",
+        f"The published ONNX model (`{_shown(version_dir / MODEL_FILE)}`) with its own preprocessing "
+        f"(`{version_preprocessing(version_dir).to_json()}`) and built-in temperature, on the test part of the "
+        f"external dataset `{_shown(manifest_dir)}` as `{_shown(split_file)}` splits it (never trained or tuned on)"
+        + (f" and on the Testing split of `{_shown(data_dir)}`" if data_dir is not None else "")
+        + ". A tumour is called when 1 − p(notumor) ≥ 0.5.",
+        "",
+        *subgroup_sections({model: scored}, result["targets"], "subgroups.png"),
+    ]
+    (out / "subgroups.md").write_text("\n".join(lines))
+    return result
+
+
+def evaluate_run(
+    run_dir: Path,
+    data_dir: Path | None = None,
+    tta: str = "none",
+    compare_version: int | None = None,
+    repository: Path = DEFAULT_MODEL_REPOSITORY,
+    model_name: str = MODEL_NAME,
+) -> dict[str, Any]:
     """Evaluate a run's best checkpoint; writes and returns ``evaluation/metrics.json``.
 
     Args:
@@ -168,6 +458,10 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, tta: str = "none")
         data_dir: dataset root (default: the one recorded in the run's configuration).
         tta: test-time augmentation the served model will apply (``none`` or ``flip``); the temperature is
             fitted, and every figure computed, with it. Export builds the served model to match.
+        compare_version: a published version to score on the same test images (its ONNX model, its own
+            preprocessing), shown beside the run in the report, the figure and the model card.
+        repository: the model repository holding ``compare_version``.
+        model_name: the model's name in it.
     """
     run_dir = Path(run_dir)
     config, audit = load_run(run_dir)
@@ -175,23 +469,61 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, tta: str = "none")
     model = load_classifier(run_dir)
     size = int(config["image_size"])
     preprocessing = run_preprocessing(config)
+    records: dict[str, list[ImageRecord | ManifestRecord]] = {
+        **run_sets(data_dir, audit),
+        **external_sets(run_dir, config),
+    }
+    roots = {name: Path("/") if name.startswith("external") else data_dir for name in records}
     logits: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
-    for name, records in run_sets(data_dir, audit).items():
-        pixels, labels[name] = load_arrays(data_dir, records, preprocessing=preprocessing)
+    kept: dict[str, np.ndarray] = {}  # test pixels, for a published version with the same preprocessing
+    for name, chosen in records.items():
+        pixels, labels[name] = load_arrays(roots[name], chosen, preprocessing=preprocessing)
         logits[name] = tta_logits(model, pixels.astype(np.float32), tta)
+        if name in SUBGROUP_SETS and name != "external_val":
+            kept[name] = pixels
 
-    temperature = fit_temperature(logits["validation"], labels["validation"])
+    fit_sets = [name for name in ("validation", "external_val") if name in logits]
+    fit_labels = np.concatenate([labels[name] for name in fit_sets])
+    temperature = fit_temperature(np.concatenate([logits[name] for name in fit_sets]), fit_labels)
     metrics: dict[str, Any] = {
         "run_dir": str(run_dir),
         "data_dir": str(data_dir),
         "temperature": temperature,
+        "temperature_fit": {
+            "sets": fit_sets,
+            "n_images": len(fit_labels),
+            "n_tumor_only": int((fit_labels < 0).sum()),
+            "loss": "the negative log-likelihood of each image's allowed classes (its class; 1 − p(notumor) "
+            "for a tumour whose type is not one of the classes)",
+        },
         "image_size": size,
         "tta": tta,
     }
     for name in logits:
-        metrics[name] = classification_metrics(calibrated(logits[name], temperature), labels[name])
+        probabilities = calibrated(logits[name], temperature)
+        if name in SUBGROUP_SETS:
+            metrics[name] = score_set(probabilities, labels[name], records[name], external=name.startswith("external"))
+        else:
+            metrics[name] = classification_metrics(probabilities, labels[name])
     metrics["test_uncalibrated"] = classification_metrics(calibrated(logits["test"], 1.0), labels["test"])
+    metrics["targets"] = check_targets(metrics)
+    if compare_version is not None:
+        version_dir = Path(repository) / model_name / str(compare_version)
+        if not (version_dir / MODEL_FILE).exists():
+            raise EvaluationError(f"version {compare_version} of {model_name} is not published in {repository}")
+        same = version_preprocessing(version_dir) == preprocessing
+        compared = score_version(
+            version_dir,
+            {name: (roots[name], records[name]) for name in kept},
+            kept if same else None,
+        )
+        metrics["comparison"] = {
+            "version": compare_version,
+            "model": f"{model_name} version {compare_version}",
+            "sets": {name: compact(m) for name, m in compared.items()},
+            "targets": check_targets(compared),
+        }
 
     out = run_dir / EVALUATION_DIR
     out.mkdir(exist_ok=True)
@@ -202,6 +534,11 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, tta: str = "none")
             out / f"confusion_{name}.png",
         )
     _plot_reliability(metrics["test_uncalibrated"], metrics["test"], out / "reliability.png")
+    sets_by_model = {}
+    if "comparison" in metrics:
+        sets_by_model[f"v{compare_version}"] = metrics["comparison"]["sets"]
+    sets_by_model["this run"] = {name: metrics[name] for name in SUBGROUP_SETS if name in metrics}
+    plot_forest(sets_by_model, out / "subgroups.png", f"{run_dir.name}: tumour sensitivity and specificity by subgroup")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (out / "report.md").write_text(render_report(metrics))
     return metrics

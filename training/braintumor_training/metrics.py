@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import log_softmax, logsumexp, softmax
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -49,11 +49,62 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     return {"ece": float(ece), "bins": rows}
 
 
+def binary_calibration_error(probability: np.ndarray, positive: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error of a probability of one event (here: a tumour), equal-width bins.
+
+    Args:
+        probability: ``(n,)`` predicted probability of the event.
+        positive: ``(n,)`` whether the event happened.
+        bins: number of bins over [0, 1].
+
+    Returns:
+        ``Σ_b n_b / n · |mean(probability) − share positive|`` over the bins (0 for an empty input).
+    """
+    probability, positive = np.asarray(probability, float), np.asarray(positive, bool)
+    if not len(probability):
+        return 0.0
+    which = np.clip(np.digitize(probability, np.linspace(0.0, 1.0, bins + 1)[1:-1], right=True), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            error += mask.sum() / len(probability) * abs(probability[mask].mean() - positive[mask].mean())
+    return float(error)
+
+
+def set_log_likelihood(log_probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Log-probability of each image's allowed classes: its class, or every tumour class for label -1.
+
+    Label -1 marks a tumour whose type is not one of the classes or not given (see
+    :func:`braintumor_training.dataset.load_arrays`): its likelihood is ``1 − p(notumor)``, the loss
+    training uses for it, so no type is guessed.
+
+    Args:
+        log_probabilities: ``(n, classes)`` log-softmax outputs.
+        labels: ``(n,)`` class indices, -1 for a tumour of no class.
+    """
+    labels = np.asarray(labels)
+    out = np.empty(len(labels))
+    typed = labels >= 0
+    out[typed] = log_probabilities[typed, labels[typed]]
+    tumor_classes = [k for k in range(log_probabilities.shape[1]) if k != NO_TUMOR_INDEX]
+    out[~typed] = logsumexp(log_probabilities[~typed][:, tumor_classes], axis=1)
+    return out
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature ``T`` minimising the negative log-likelihood of ``softmax(logits / T)``."""
+    """Temperature ``T`` minimising the negative log-likelihood of ``softmax(logits / T)``.
+
+    Images labelled -1 (a tumour of no class) count with the likelihood of their allowed set, ``1 −
+    p(notumor)`` (:func:`set_log_likelihood`); with only class labels this is the usual NLL.
+
+    Args:
+        logits: ``(n, classes)`` uncalibrated logits.
+        labels: ``(n,)`` class indices, -1 for a tumour of no class.
+    """
 
     def nll(log_t: float) -> float:
-        return float(-log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(labels)), labels].mean())
+        return float(-set_log_likelihood(log_softmax(logits / np.exp(log_t), axis=1), labels).mean())
 
     result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
     return float(np.exp(result.x))
@@ -123,3 +174,45 @@ def classification_metrics(
         "reliability": calibration["bins"],
         "nll": nll,
     }
+
+
+def partial_label_metrics(
+    probabilities: np.ndarray, labels: np.ndarray, tumor_threshold: float = 0.5
+) -> dict[str, Any]:
+    """Metrics of a set where some tumours have no class (label -1): screening on all, classes on the rest.
+
+    Args:
+        probabilities: ``(n, classes)`` predicted probabilities.
+        labels: ``(n,)`` class indices, -1 for a tumour whose type is not one of the classes or not given.
+        tumor_threshold: a tumor is called when ``1 - p(notumor) >= tumor_threshold``.
+
+    Returns:
+        ``n_images``, ``n_labelled``; tumour ``tumor_sensitivity``, ``tumor_specificity``, ``tumor_auc`` and
+        the tumour probability's calibration error ``tumor_ece`` over every image; ``ece`` (top-label) and
+        ``nll`` over the labelled images only; ``labelled``: :func:`classification_metrics` of those.
+    """
+    labels = np.asarray(labels)
+    typed = labels >= 0
+    is_tumor = labels != NO_TUMOR_INDEX
+    p_tumor = tumor_probability(probabilities)
+    called = p_tumor >= tumor_threshold
+    n_tumor, n_clear = int(is_tumor.sum()), int((~is_tumor).sum())
+    out: dict[str, Any] = {
+        "n_images": len(labels),
+        "n_labelled": int(typed.sum()),
+        "n_tumor_only": int((~typed).sum()),
+        "tumor_threshold": tumor_threshold,
+        "tumor_sensitivity": float((called & is_tumor).sum() / n_tumor) if n_tumor else float("nan"),
+        "tumor_specificity": float((~called & ~is_tumor).sum() / n_clear) if n_clear else float("nan"),
+        "tumor_auc": float(roc_auc_score(is_tumor, p_tumor)) if n_tumor and n_clear else None,
+        "tumor_ece": binary_calibration_error(p_tumor, is_tumor),
+        "set_nll": float(-set_log_likelihood(np.log(np.clip(probabilities, 1e-12, 1.0)), labels).mean())
+        if len(labels)
+        else float("nan"),
+    }
+    if typed.any():
+        labelled = classification_metrics(probabilities[typed], labels[typed], tumor_threshold)
+        out.update(ece=labelled["ece"], nll=labelled["nll"], accuracy=labelled["accuracy"], labelled=labelled)
+    else:
+        out.update(ece=float("nan"), nll=float("nan"), accuracy=float("nan"), labelled=None)
+    return out

@@ -34,8 +34,16 @@ from braintumor.model_repository import (
 )
 from braintumor.preprocessing import Preprocessing
 from braintumor_training.dataset import load_arrays
-from braintumor_training.evaluate import EVALUATION_DIR, load_classifier, load_run, run_sets, summary_rows
+from braintumor_training.evaluate import (
+    EVALUATION_DIR,
+    external_summary_rows,
+    load_classifier,
+    load_run,
+    run_sets,
+    summary_rows,
+)
 from braintumor_training.model import build_served_model, feature_model
+from braintumor_training.subgroups import find_row, format_proportion, render_table, render_targets
 from braintumor_training.train import run_preprocessing
 
 #: What each augmentation profile does, for the model card.
@@ -44,7 +52,21 @@ AUGMENTATION_DESCRIPTIONS = {
     "robust": "augmentation for what scanners vary and the preprocessing does not undo (flip, rotation, "
     "crops into the head, some zoom-out, aspect ratio, translation, gamma 0.5–2.2, MR bias field, noise, "
     "mild brightness/contrast)",
+    "sequence": "the robust augmentation plus what another MRI sequence does to tissue contrast (a random, not "
+    "necessarily monotone intensity remapping; an inversion of the head's intensities), so that the shape of a "
+    "lesion, not the brightness of fluid, decides",
 }
+#: Keys of a run's evaluation that are published in the version's ``metrics.json`` when present.
+OPTIONAL_PUBLISHED = ("temperature_fit", "external_val", "external_test", "targets", "comparison")
+#: The manifest dataset's sources, for the model card.
+EXTERNAL_SOURCES = (
+    "*Brain Tumor MRI Images 44 classes* (Feltrin): slices of Radiopaedia cases, T1, T1 with contrast and T2, "
+    "gliomas, meningiomas, other tumour types and normal slices; Radiopaedia publishes under **CC BY-NC-SA "
+    "3.0** (non-commercial use only, attribution, share-alike: a model or data derived from it must be "
+    "shared under the same terms)",
+    "*Br35H :: Brain Tumor Detection 2020*, its tumour half (type not given; mixed sequences, about a third T2 "
+    "and a quarter FLAIR); published for research on Kaggle (its normal half is already in the Kaggle set)",
+)
 #: The served model's outputs, in order.
 SERVED_OUTPUTS = [OUTPUT_NAME, HEATMAP_NAME]
 #: Largest allowed difference between ONNX Runtime and Keras outputs.
@@ -228,6 +250,137 @@ def compare_with_previous(version: int, metrics: dict[str, Any], previous: dict[
     return [*lines, ""]
 
 
+def _cell(sets: dict[str, Any] | None, grouping: str, subgroup: str, key: str = "tumor_sensitivity") -> str:
+    """One proportion of one external-test subgroup, formatted, or ``–``."""
+    row = find_row(sets["external_test"]["subgroups"], grouping, subgroup) if sets and "external_test" in sets else None
+    return format_proportion(row.get(key) if row else None)
+
+
+def subgroup_card_sections(metrics: dict[str, Any], version: int, config: dict[str, Any]) -> list[str]:
+    """Model card sections for a run judged on a manifest dataset (empty for older runs).
+
+    "Where it works and where it does not" (targets, and the external test part's subgroups with their
+    intervals, beside the compared version's), the shortcut found in version 2, and how to read the class
+    when the tumour type is not one of the four.
+
+    Args:
+        metrics: the run's evaluation.
+        version: the version being published.
+        config: the run's configuration.
+    """
+    if "external_test" not in metrics:
+        return []
+    comparison = metrics.get("comparison")
+    mine = {k: metrics[k] for k in ("test", "test_leak_free", "external_test") if k in metrics}
+    models: dict[str, dict[str, Any]] = {}
+    if comparison:
+        models[f"v{comparison['version']}"] = comparison["sets"]
+    models[f"v{version}" if f"v{version}" not in models else "this version"] = mine
+    external = metrics["external_test"]
+    lines = [
+        "## Where it works and where it does not",
+        "",
+        f"Judged on the test part of the external data ({external['n_images']} slices the model never trained on "
+        "and that chose nothing: not the temperature, not the checkpoint), split from its training part by "
+        "near-duplicate group, and on Testing by class. Proportions with 95 % Wilson intervals; a tumour is "
+        "called when the tumour probability is ≥ 0.5"
+        + (
+            f"; version {comparison['version']} scored on the same images with its own preprocessing"
+            if comparison
+            else ""
+        )
+        + ".",
+        "",
+        "Targets (set after version 2's shortcut was found; judged on the point estimate, its interval beside it):",
+        "",
+        *render_targets(metrics.get("targets", [])),
+        "",
+    ]
+    for name, sets in models.items():
+        if len(models) > 1:
+            lines += [f"{name}:", ""]
+        lines += [*external_summary_rows(sets, ("external_test",)), ""]
+    proportions = ("tumor_sensitivity", "specificity", "class_accuracy")
+    lines += [
+        "External test part, by source, sequence and finding (class accuracy: gliomas and meningiomas, top class "
+        "of the four):",
+        "",
+        *render_table({name: sets["external_test"]["subgroups"] for name, sets in models.items()}, proportions),
+        "",
+    ]
+    if "subgroups" in metrics.get("test", {}):
+        lines += [
+            "Testing (Kaggle), by class:",
+            "",
+            *render_table(
+                {name: sets["test"]["subgroups"] for name, sets in models.items() if "test" in sets},
+                ("tumor_sensitivity", "specificity", "class_accuracy"),
+            ),
+            "",
+        ]
+    lines += [
+        f"The forest plot of these intervals is the run's `{EVALUATION_DIR}/subgroups.png`.",
+        "",
+        "## The shortcut found in version 2",
+        "",
+        "In the Kaggle *Brain Tumor MRI Dataset* almost every tumour slice is T1 with contrast, and its T2 and "
+        "FLAIR slices are nearly all in `notumor`. Version 2 learned that shortcut: bright fluid meant no "
+        "tumour. It scored well on Testing, which shares the shortcut, and was never tested on other sources.",
+    ]
+    earlier = comparison["sets"] if comparison and comparison["version"] == 2 else None
+    if earlier:
+        lines[-1] += (
+            " On the external test part its tumour sensitivity was "
+            + ", ".join(
+                f"{name} {_cell(earlier, grouping, subgroup)}"
+                for name, grouping, subgroup in (
+                    ("T1", "sequence", "T1"),
+                    ("T1C", "sequence", "T1C"),
+                    ("T2", "sequence", "T2"),
+                    ("Br35H", "source", "br35h"),
+                )
+            )
+            + f", its specificity {_cell(earlier, 'all', 'all', 'specificity')} (95 % intervals)."
+        )
+    else:
+        lines[-1] += " Its figures on the external test part: `docs/v2/external/subgroups.md`."
+    lines += [
+        "",
+        f"Version {version} trains on the external training part too (tumours on T1, T2 and FLAIR)"
+        + (
+            ", with augmentation that changes tissue contrast as another sequence would"
+            if config.get("augmentation") == "sequence"
+            else ""
+        )
+        + ": on the same images its tumour sensitivity is "
+        + ", ".join(
+            f"{name} {_cell(mine, grouping, subgroup)}"
+            for name, grouping, subgroup in (
+                ("T1", "sequence", "T1"),
+                ("T1C", "sequence", "T1C"),
+                ("T2", "sequence", "T2"),
+                ("Br35H", "source", "br35h"),
+            )
+        )
+        + f", its specificity {_cell(mine, 'all', 'all', 'specificity')}."
+        + (
+            ""
+            if find_row(external["subgroups"], "sequence", "FLAIR")
+            else " FLAIR has no labelled test slices of its own (Br35H mixes sequences without saying which)."
+        ),
+        "",
+        "## Reading the class when the tumour type is not one of the four",
+        "",
+        "The model knows four classes. A tumour of another type (schwannoma, metastasis, medulloblastoma, "
+        "...) or of a type nobody gave was trained and is judged only on the **tumour probability** "
+        "(1 − p(notumor)): that is the output to read. The class the model names for it is only the nearest of "
+        "glioma, meningioma and pituitary, not a diagnosis of its type; such images never count toward a class "
+        "accuracy above.",
+        "",
+    ]
+    return lines
+
+
 def render_model_card(
     model_name: str,
     version: int,
@@ -289,11 +442,27 @@ def render_model_card(
             f"{last.get('train_images', s['train_images'])} images. Results are reported on the full Testing split "
             f"and on its leak-free subset ({clean['n_images']} images with no near duplicate in Training).",
             "",
+            *(
+                [
+                    "Also trained on, and judged on, a second dataset of slices from other sources and sequences "
+                    f"(`{config['external']}`, its test part {metrics['external_test']['n_images']} images), split by "
+                    "near-duplicate group into training, validation and test parts. Its two sources:",
+                    "",
+                    *[f"- {source}." for source in EXTERNAL_SOURCES],
+                    "",
+                    "Use them for research and evaluation only; name both sources wherever this model is described.",
+                    "",
+                ]
+                if "external_test" in metrics and config.get("external")
+                else []
+            ),
             "## How it was made",
             "",
             "```",
             run.get("sessions", [{}])[0].get("command", "braintumor train ..."),
-            f"braintumor evaluate {metrics['run_dir']}" + (" --tta flip" if metrics.get("tta") == "flip" else ""),
+            f"braintumor evaluate {metrics['run_dir']}"
+            + (" --tta flip" if metrics.get("tta") == "flip" else "")
+            + (f" --compare-version {metrics['comparison']['version']}" if "comparison" in metrics else ""),
             f"braintumor export {metrics['run_dir']}",
             "```",
             "",
@@ -308,9 +477,18 @@ def render_model_card(
             f"{config['batch_size']}, AdamW (peak learning rate {config['learning_rate']}, weight decay "
             f"{config['weight_decay']}), warm-up then cosine decay, label smoothing {config['label_smoothing']}, "
             "balanced class weights, BatchNorm momentum 0.9, "
-            + AUGMENTATION_DESCRIPTIONS[config.get("augmentation", "v1")]
+            + AUGMENTATION_DESCRIPTIONS.get(
+                config.get("augmentation", "v1"), f"{config.get('augmentation')} augmentation"
+            )
             + ". "
-            f"Calibration: temperature T = {metrics['temperature']:.4f} fitted on validation, built into the model."
+            f"Calibration: temperature T = {metrics['temperature']:.4f} fitted on validation"
+            + (
+                " (Kaggle validation and the external validation part; a tumour of no class counts with the "
+                "likelihood of 1 − p(notumor))"
+                if len(metrics.get("temperature_fit", {}).get("sets", [])) > 1
+                else ""
+            )
+            + ", built into the model."
             + (
                 " Test-time augmentation, built into the model: the mean logits of the image and of its left-right "
                 "mirror (twice the compute of one pass; the Grad-CAM maps are those of the image as sent)."
@@ -336,6 +514,7 @@ def render_model_card(
             f"(accuracy ≥ {gate.min_accuracy}, leak-free accuracy ≥ {gate.min_leak_free_accuracy}, tumor "
             f"sensitivity ≥ {gate.min_tumor_sensitivity}) passed.",
             "",
+            *subgroup_card_sections(metrics, version, config),
             "## Known limitations",
             "",
             "- One public dataset of 2-D slices, already resized to 224×224 with the aspect ratio lost; "
@@ -343,8 +522,14 @@ def render_model_card(
             "images that *look* alike.",
             "- Only four classes: other lesions (metastases, haemorrhage, post-operative changes) are outside its "
             "scope and will be forced into one of them.",
-            "- Scanners, sequences and sites other than those in the dataset were not tested; accuracy may drop on "
-            "them. Calibration was fitted on data from the same sources.",
+            (
+                "- Tested on two sources besides the Kaggle set (see *Where it works and where it does not*); other "
+                "scanners, sites and sequences remain untested, and the external data's labels are per case, not "
+                "per slice (a slice at the edge of a tumour may show little of it)."
+                if "external_test" in metrics
+                else "- Scanners, sequences and sites other than those in the dataset were not tested; accuracy may "
+                "drop on them. Calibration was fitted on data from the same sources."
+            ),
             "- A whole scan is a series of slices; the model judges one slice at a time.",
             *(
                 [
@@ -422,6 +607,7 @@ def export_run(
 
         published = {k: metrics[k] for k in ("validation", "test", "test_leak_free", "temperature", "image_size")}
         published["tta"] = metrics.get("tta", "none")
+        published.update({k: metrics[k] for k in OPTIONAL_PUBLISHED if k in metrics})
         published["export_parity"] = parity
         published["audit"] = {"near_duplicate_threshold": audit["threshold"], **audit["summary"]}
         published["leak_free_test_images"] = audit["leak_free_test"]

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from synthetic import make_dataset
+from synthetic import make_dataset, make_manifest_dataset
 
 pytest.importorskip("tensorflow")
 onnx = pytest.importorskip("onnx")
@@ -34,11 +34,18 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_dir(data, tmp_path_factory):
+def external(tmp_path_factory):
+    """A tiny manifest dataset (two sources, three sequences, tumours of no class) trained on too."""
+    return make_manifest_dataset(tmp_path_factory.mktemp("external"), per_stratum=5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def run_dir(data, external, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
     command = ["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--image-size", str(SIZE)]
-    assert main([*command, *PREPROCESSING_FLAGS]) == 0
-    assert main(["evaluate", str(out)]) == 0
+    assert main([*command, *PREPROCESSING_FLAGS, "--external", str(external)]) == 0
+    # judged beside the committed version 2 on the same test images, as version 3 is
+    assert main(["evaluate", str(out), "--compare-version", "2"]) == 0
     return out
 
 
@@ -50,16 +57,60 @@ def test_run_folder_has_audit_checkpoints_and_logs(run_dir):
     assert [int(r["epoch"]) for r in rows] == [0, 1] and "probe_std" in rows[0]
     metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
     assert metrics["temperature"] > 0 and metrics["test"]["n_images"] == 20
-    for figure in ("confusion_test.png", "confusion_test_leak_free.png", "reliability.png"):
+    for figure in ("confusion_test.png", "confusion_test_leak_free.png", "reliability.png", "subgroups.png"):
         assert (run_dir / "evaluation" / figure).stat().st_size > 1000
+
+
+def test_evaluation_judges_the_external_test_part_by_subgroup(run_dir):
+    metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
+    split = json.loads((run_dir / "external_split.json").read_text())["parts"]
+    assert metrics["external_test"]["n_images"] == sum(p == "test" for p in split.values()) > 0
+    assert metrics["external_val"]["n_images"] == sum(p == "val" for p in split.values()) > 0
+    assert metrics["temperature_fit"]["sets"] == ["validation", "external_val"]
+    assert (
+        metrics["temperature_fit"]["n_images"]
+        == metrics["validation"]["n_images"] + metrics["external_val"]["n_images"]
+    )
+    rows = metrics["external_test"]["subgroups"]
+    assert rows[0]["subgroup"] == "all" and rows[0]["n"] == metrics["external_test"]["n_images"]
+    assert {r["grouping"] for r in rows} >= {"all", "source", "sequence", "finding"}
+    for row in rows:
+        if row["subgroup"] in ("other_tumor", "tumor", "br35h"):
+            assert row["class_accuracy"] is None  # tumours of no class never count toward a class
+    assert [r["subgroup"] for r in metrics["test"]["subgroups"]] == ["all", *LABELS]
+    names = {t["name"] for t in metrics["targets"]}
+    assert "external test: tumour sensitivity on T2" in names and "Testing: accuracy" in names
+    comparison = metrics["comparison"]
+    assert comparison["version"] == 2 and set(comparison["sets"]) == {"test", "test_leak_free", "external_test"}
+    assert comparison["sets"]["external_test"]["n_images"] == metrics["external_test"]["n_images"]
+    report = (run_dir / "evaluation" / "report.md").read_text()
+    assert "## Subgroups" in report and "### external test part" in report and "(v2)" in report
+
+
+def test_a_published_version_is_judged_on_a_runs_external_test_part(run_dir, data, tmp_path):
+    out = tmp_path / "v2-external"
+    split = run_dir / "external_split.json"
+    command = ["evaluate", "--version", "2", "--external-split", str(split), "--data", str(data), "--out", str(out)]
+    assert main(command) == 0  # the manifest dataset is found through the run's config.json
+    result = json.loads((out / "subgroups.json").read_text())
+    metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
+    assert result["sets"]["external_test"]["subgroups"] == metrics["comparison"]["sets"]["external_test"]["subgroups"]
+    assert (out / "subgroups.png").stat().st_size > 1000 and "## Subgroups" in (out / "subgroups.md").read_text()
+    assert main(["evaluate", "--version", "2"]) == 2  # needs --external-split
 
 
 def test_finished_or_differently_configured_runs_are_not_overwritten(run_dir, data):
     config = TrainConfig(
-        data_dir=str(data), out_dir=str(run_dir), epochs=2, image_size=SIZE, crop_to_head=True, normalize_intensity=True
+        data_dir=str(data),
+        out_dir=str(run_dir),
+        epochs=2,
+        image_size=SIZE,
+        crop_to_head=True,
+        normalize_intensity=True,
+        external=json.loads((run_dir / "config.json").read_text())["external"],
     )
     command = ["train", "--data", str(data), "--out", str(run_dir), "--epochs", "2", "--image-size", str(SIZE)]
-    assert main([*command, *PREPROCESSING_FLAGS]) == 2
+    assert main([*command, *PREPROCESSING_FLAGS, "--external", config.external]) == 2
     with pytest.raises(TrainingError, match="finished run"):
         train(config)
     config.epochs = 3
@@ -128,6 +179,11 @@ def test_export_publishes_verified_versions(run_dir, tmp_path):
     card = (model_dir / "2" / "model-card.md").read_text()
     assert "not a diagnostic device" in card.replace("*", "") and "braintumor train" in card and "leak-free" in card
     assert "crop to the head" in card and "Against version 1" in card
+    # judged on the external data by subgroup, beside version 2; its sources and their licences
+    assert "## Where it works and where it does not" in card and "tumour sensitivity (v2)" in card
+    assert "## The shortcut found in version 2" in card and "CC BY-NC-SA 3.0" in card and "Br35H" in card
+    assert "only the nearest of" in card and "--compare-version 2" in card
+    assert metrics["external_test"]["subgroups"] and metrics["comparison"]["version"] == 2
 
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"))
     (inp,), outputs = session.get_inputs(), session.get_outputs()

@@ -452,21 +452,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="test-time augmentation of the served model: flip averages the image and its mirror (2x compute)",
     )
-    p.set_defaults(func=_cmd_evaluate)
-
-    p = sub.add_parser("export", help="publish an evaluated run as the next model version")
-    p.add_argument("run_dir")
-    p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
-    p.add_argument("--tfserving-base", default=str(DEFAULT_TFSERVING_BASE))
-    p.add_argument("--model-name", default=MODEL_NAME)
-    p.add_argument("--data", default=None, help="dataset root (default: the one the run was trained on)")
-    p.add_argument("--min-accuracy", type=float, default=0.95, help="quality gate on Testing accuracy")
-    p.add_argument("--min-leak-free-accuracy", type=float, default=0.93)
-    p.add_argument("--min-tumor-sensitivity", type=float, default=0.97)
-    p.add_argument("--served-versions", type=int, default=2, help="latest versions Triton serves side by side")
-    p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser("robustness", help="accuracy of a published version under scanner and acquisition shifts")
     p.add_argument(
         "--compare-version",
         type=int,
@@ -488,6 +473,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="with --version: report folder (default: docs/v<N>/external)")
     p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
     p.add_argument("--model-name", default=MODEL_NAME)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="publish an evaluated run as the next model version")
+    p.add_argument("run_dir")
+    p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
+    p.add_argument("--tfserving-base", default=str(DEFAULT_TFSERVING_BASE))
+    p.add_argument("--model-name", default=MODEL_NAME)
+    p.add_argument("--data", default=None, help="dataset root (default: the one the run was trained on)")
+    p.add_argument("--min-accuracy", type=float, default=0.95, help="quality gate on Testing accuracy")
+    p.add_argument("--min-leak-free-accuracy", type=float, default=0.93)
+    p.add_argument("--min-tumor-sensitivity", type=float, default=0.97)
+    p.add_argument("--served-versions", type=int, default=2, help="latest versions Triton serves side by side")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("robustness", help="accuracy of a published version under scanner and acquisition shifts")
     p.add_argument("--version", type=int, default=None, help="published version (default: the latest)")
     p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
     p.add_argument("--model-name", default=MODEL_NAME)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine: Debian's prometheus (Prometheus and promtool, for the tests and the monitoring
-# configuration) and chromium (the web app's browser tests) packages; a Python 3.11 virtual environment
+# configuration), chromium (the web app's browser tests), orthanc, orthanc-dicomweb and dicom3tools (the PACS
+# tests) packages; a Python 3.11 virtual environment
 # in .venv with the project and every extra installed in editable mode; the manifest linters in .tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,10 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)   # the web app's browser tests
+# The PACS tests: a real Orthanc with its DICOMweb plugin, and dciodvfy (dicom3tools) to validate results.
+[ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -387,6 +387,16 @@ def _cmd_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pacs(args: argparse.Namespace) -> int:
+    try:
+        import highdicom  # noqa: F401
+
+        from braintumor.pacs.command import run
+    except ImportError as err:
+        sys.exit(f"braintumor: the PACS worker needs the pacs extra ({err}); install it with: pip install -e '.[pacs]'")
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``braintumor`` command."""
     parser = argparse.ArgumentParser(prog="braintumor", description=__doc__)
@@ -556,6 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure preprocessing speed and SDK end-to-end throughput over the Testing images",
     )
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("pacs", help="follow an Orthanc PACS: classify each stable MR series, write SR and overlay back")
+    from braintumor.pacs.command import add_arguments as add_pacs_arguments
+
+    add_pacs_arguments(p)
+    p.set_defaults(func=_cmd_pacs)
     return parser
 
 

@@ -164,7 +164,7 @@ def build_sr(result: SeriesResult, uids: ResultUids, series_number: int = 9001) 
         procedure_reported=PROCEDURE,
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
-        referenced_images=[s.header for s in result.slices],
+        referenced_images=None,  # the optional Image Library: its geometry would triple the build time
     )
     report[0].ContentSequence.append(hd.sr.TextContentItem(codes.DCM.Comment, NOTICE, relationship_type="CONTAINS"))
     evidence = [s.header for s in result.slices]

@@ -162,8 +162,10 @@ class PacsWorker:
             return self._end(row, Status.SKIPPED, f"modality {modality}, not MR", started)
         self.state.start(row.series_id, print_)
         log.info("%s: %d instances, processing", name, len(instances))
+        phases: dict[str, float] = {}
         try:
             slices = read_series(self.orthanc, info, workers=max(2, self.config.workers))
+            phases["read"] = time.perf_counter() - started
             result = classify_series(
                 self._connect,
                 slices,
@@ -182,7 +184,9 @@ class PacsWorker:
                 result.label,
                 result.top + 1,
             )
+            phases["classify"] = time.perf_counter() - started - sum(phases.values())
             written = self._write(row, info, result, print_)
+            phases["write"] = time.perf_counter() - started - sum(phases.values())
         except UnsupportedSeriesError as err:
             return self._end(row, Status.SKIPPED, err.message, started)
         except (UnreadableSliceError, ClassifierUnavailableError, ClassificationError, ResultWriteError) as err:
@@ -195,7 +199,8 @@ class PacsWorker:
             log.debug("%s: unexpected error", name, exc_info=True)
             return self._end(row, Status.FAILED, f"unexpected error ({type(err).__name__})", started)
         self.state.finish(row.series_id, Status.DONE, None, print_, written)
-        log.info("%s: done in %.2f s", name, time.perf_counter() - started)
+        split = ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+        log.info("%s: done in %.2f s (%s)", name, time.perf_counter() - started, split)
         return Status.DONE
 
     def _end(self, row: SeriesState, status: Status, reason: str, started: float) -> Status:

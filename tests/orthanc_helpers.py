@@ -225,6 +225,7 @@ def mr_series(
     bits: int = 12,
     modality: str = "MR",
     series_number: int = 3,
+    images: Sequence[np.ndarray] | None = None,
 ) -> list[Dataset]:
     """A synthetic axial MR series of ``n`` slices (MR Image Storage, explicit VR little endian).
 
@@ -237,6 +238,8 @@ def mr_series(
         bits: bits stored: 12 (in 16 allocated, as MR requires), or 8 in 8 allocated (another bit depth).
         modality: ``MR``, or ``CT`` for a CT Image Storage series.
         series_number: its series number.
+        images: 8-bit grey pixels to use instead of synthetic slices (``n`` of them, ``size`` square), e.g.
+            the dataset's slices, for pictures.
     """
     labels = list(labels) if labels is not None else [2] * n
     if labels == [2] * n and n > 2:
@@ -295,7 +298,11 @@ def mr_series(
             ds.RescaleSlope = 1.0
             ds.RescaleType = "HU"
             ds.AcquisitionNumber = 1
-        pixels = _pixels(rng, size, labels[i], bits)
+        if images is None:
+            pixels = _pixels(rng, size, labels[i], bits)
+        else:
+            grey = np.asarray(images[i], dtype=np.uint16)
+            pixels = (grey * 16).astype(np.uint16) if bits == 12 else grey.astype(np.uint8)
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.Rows = ds.Columns = size

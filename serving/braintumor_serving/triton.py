@@ -34,6 +34,16 @@ from types import FrameType
 from braintumor.config import DEFAULT_MODEL_REPOSITORY
 from braintumor.model_repository import CONFIG_FILE, CPU_CONFIG_NAME, versions
 from braintumor_serving.front import FRONT_KEY_HEADER, HttpFront, new_key, server_context
+from braintumor_serving.lifecycle import (
+    WORKDIR_PREFIX,
+    Cleanup,
+    Watchdog,
+    backend_config,
+    clean_stale,
+    cleanup,
+    new_prefix,
+    parent_death_signal,
+)
 
 BACKEND_NAME = "onnxruntime_python"
 #: Triton APIs that only callers sending the admin key may use (everything but health, metadata,
@@ -285,7 +295,14 @@ class TritonServer:
         self.models: dict[str, list[int]] = {}
         self._workdir: Path | None = None
         self._front: HttpFront | None = None
+        self._watchdog: Watchdog | None = None
         self.log_file: Path | None = None
+        #: This server's shared-memory region prefix (new at every start; see :mod:`.lifecycle`).
+        self.shm_prefix = ""
+        #: What the start removed that earlier servers of this project had left behind.
+        self.stale = Cleanup()
+        #: What :meth:`stop` had to kill or remove after ``tritonserver`` ended (stubs, regions).
+        self.leftovers = Cleanup()
 
     def command(self, backend_directory: Path) -> list[str]:
         """The ``tritonserver`` command line."""
@@ -309,6 +326,8 @@ class TritonServer:
             f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_KEY_HEADER}={c.admin_key}",
             f"--http-restricted-api=inference:{FRONT_KEY_HEADER}={c.inference_key}",
         ]
+        if self.shm_prefix:
+            args.append(backend_config(self.shm_prefix))
         if c.model_config_name:
             args.append(f"--model-config-name={c.model_config_name}")
         if c.tls_cert is not None:
@@ -320,7 +339,11 @@ class TritonServer:
         return [str(find_bundle().binary), *args, *c.extra_args]
 
     def start(self) -> TritonServer:
-        """Check everything, then start the server (without waiting for it to be ready).
+        """Check everything, remove what earlier servers of this project left behind (:attr:`stale`), then
+        start the server (without waiting for it to be ready).
+
+        ``tritonserver`` ends when this process ends (parent-death signal), and a watchdog process removes
+        its stubs and shared memory when either ends (see :mod:`.lifecycle`).
 
         Raises:
             ServeError: when a check fails.
@@ -331,6 +354,7 @@ class TritonServer:
         self.models = check_repository(c.repository, c.model_config_name)
         bin_dir = Path(sys.executable).parent
         check_python_environment(bin_dir)
+        self.stale = clean_stale()  # before the port checks: a stale server may hold the ports
         for what, port in (("HTTP", c.http_port), ("gRPC", c.grpc_port), ("metrics", c.metrics_port)):
             check_port_free(c.host, port, what)
         if not c.internal_http_port:
@@ -343,16 +367,23 @@ class TritonServer:
             ).start()
         except (OSError, ssl.SSLError) as err:
             raise ServeError(f"cannot serve {scheme} on {c.host}:{c.http_port}: {err}") from err
-        self._workdir = Path(tempfile.mkdtemp(prefix="braintumor-triton-"))
+        self._workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
         backends = prepare_backend_directory(bundle, self._workdir / "backends")
         self.log_file = c.log_file or self._workdir / "tritonserver.log"
         env = dict(os.environ)
         env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(bundle.libraries), env.get("LD_LIBRARY_PATH")]))
+        self.shm_prefix = new_prefix()
         with open(self.log_file, "wb") as log:
             self.process = subprocess.Popen(
-                self.command(backends), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                self.command(backends),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl+C reaches serve, which stops Triton gracefully
+                preexec_fn=parent_death_signal(),
             )
+        self._watchdog = Watchdog(self.shm_prefix, self.process.pid, self._workdir if c.log_file is None else None)
         return self
 
     def is_ready(self) -> bool:
@@ -391,8 +422,21 @@ class TritonServer:
         ]
         return "\n".join(keep[-20:] or lines[-20:])
 
+    def last_error(self) -> str:
+        """The last error line of the server's log, or ``""``."""
+        if not self.log_file or not self.log_file.exists():
+            return ""
+        lines = self.log_file.read_text(errors="replace").splitlines()
+        errors = [line for line in lines if ("UNAVAILABLE" in line or "rror" in line) and "NVML" not in line]
+        return errors[-1].strip() if errors else ""
+
     def stop(self, timeout: float = 30.0) -> int | None:
-        """Stop the server with SIGTERM (graceful: in-flight requests finish), then SIGKILL after ``timeout``.
+        """Stop the server with SIGTERM (graceful: in-flight requests finish), then SIGKILL after ``timeout``;
+        then kill what is left of it (stubs ignore SIGTERM and may outlive a killed server) and remove its
+        shared-memory regions (recorded in :attr:`leftovers`). Safe to call more than once.
+
+        Args:
+            timeout: seconds to wait for a graceful exit.
 
         Returns:
             The server's exit status.
@@ -407,6 +451,12 @@ class TritonServer:
                     self.process.kill()
                     self.process.wait()
             code = self.process.returncode
+        if self.shm_prefix:
+            left = cleanup(self.shm_prefix)
+            self.leftovers = Cleanup(self.leftovers.killed + left.killed, self.leftovers.regions + left.regions)
+        if self._watchdog is not None:
+            self._watchdog.close()
+            self._watchdog = None
         if self._front is not None:
             self._front.stop()
             self._front = None

@@ -285,9 +285,14 @@ def _bench_versions(args: argparse.Namespace, model_dir: Path, published: list[i
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from braintumor_serving.triton import ServerConfig, serve
+        from braintumor_serving.triton import ServerConfig, restart_policy, serve
     except ImportError as err:
         sys.exit(f"braintumor: serving needs the serve extra ({err}); install it with: pip install -e '.[serve]'")
+    try:
+        policy = restart_policy(args.restart, args.restart_limit)
+    except ValueError as err:
+        print(f"braintumor serve: {err}", file=sys.stderr)
+        return 2
     config = ServerConfig(
         repository=Path(args.repository),
         host=args.host,
@@ -307,7 +312,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"braintumor serve: ${args.admin_key_env} is empty or unset", file=sys.stderr)
             return 2
         config.admin_key = key
-    return serve(config, ready_timeout=args.ready_timeout)
+    return serve(config, ready_timeout=args.ready_timeout, restart=policy)
 
 
 def _bench_pixels(data_dir: Path, n: int = 64):
@@ -530,6 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="environment variable holding the admin key for the restricted APIs (default: a random key)",
     )
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    p.add_argument(
+        "--restart",
+        default="no",
+        metavar="POLICY",
+        help="when tritonserver dies: 'no' (exit with status 1, the default; e.g. under Kubernetes) or "
+        "'on-failure[:N]' (restart it with backoff, at most N times in a row, default 5)",
+    )
+    p.add_argument(
+        "--restart-limit",
+        default=None,
+        metavar="N",
+        help="with --restart on-failure: at most N restarts in a row (0 or more)",
+    )
     p.add_argument(
         "triton_args", nargs=argparse.REMAINDER, help="after --: further tritonserver arguments (e.g. restricted APIs)"
     )

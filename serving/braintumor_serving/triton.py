@@ -13,6 +13,7 @@ on ``PATH``, so it runs in this environment, with its numpy 1.x and onnxruntime.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -43,6 +44,8 @@ from braintumor_serving.lifecycle import (
     cleanup,
     new_prefix,
     parent_death_signal,
+    region_files,
+    server_processes,
 )
 
 BACKEND_NAME = "onnxruntime_python"
@@ -473,44 +476,203 @@ class TritonServer:
         self.stop()
 
 
-def serve(config: ServerConfig, ready_timeout: float = 180.0) -> int:
-    """Run the server in the foreground until SIGINT or SIGTERM; returns the exit status for the CLI."""
-    server = TritonServer(config)
+@dataclass(frozen=True)
+class RestartPolicy:
+    """What ``braintumor serve`` does when ``tritonserver`` dies under it (``--restart``).
+
+    Args:
+        on_failure: restart it (``--restart on-failure``); otherwise ``serve`` exits with status 1.
+        limit: at most this many restarts in a row (``--restart-limit`` or ``on-failure:N``).
+        backoff: seconds before the first restart; doubled before each further one.
+        max_backoff: the longest wait between restarts.
+        reset_after: a server that served this many seconds resets the count and the backoff.
+    """
+
+    on_failure: bool = False
+    limit: int = 5
+    backoff: float = 1.0
+    max_backoff: float = 30.0
+    reset_after: float = 600.0
+
+    def delay(self, restart: int) -> float:
+        """Seconds to wait before restart number ``restart`` (1, 2, ...).
+
+        Args:
+            restart: which restart in a row.
+        """
+        return min(self.max_backoff, self.backoff * 2 ** (restart - 1))
+
+
+def restart_limit(value: str) -> int:
+    """Parse a restart limit: a whole number, 0 or more.
+
+    Args:
+        value: what the user wrote.
+
+    Raises:
+        ValueError: with a message that says what is accepted.
+    """
+    text = value.strip()
+    if not text.isdigit():
+        raise ValueError(f"the restart limit must be a whole number, 0 or more (got {value!r})")
+    return int(text)
+
+
+def restart_policy(restart: str, limit: str | None = None) -> RestartPolicy:
+    """The policy of ``--restart no|on-failure|on-failure:N`` and ``--restart-limit N``.
+
+    Args:
+        restart: the ``--restart`` value.
+        limit: the ``--restart-limit`` value, or ``None``.
+
+    Raises:
+        ValueError: on an unknown mode, a negative or non-numeric limit, or a limit given twice.
+    """
+    mode, colon, inline = restart.strip().partition(":")
+    if mode not in ("no", "on-failure"):
+        raise ValueError(f"--restart takes 'no', 'on-failure' or 'on-failure:N' (got {restart!r})")
+    if mode == "no":
+        if colon or limit is not None:
+            raise ValueError("a restart limit needs --restart on-failure")
+        return RestartPolicy()
+    if colon and limit is not None:
+        raise ValueError("give the restart limit once: --restart on-failure:N or --restart-limit N")
+    chosen = inline if colon else limit
+    return RestartPolicy(on_failure=True, limit=RestartPolicy.limit if chosen is None else restart_limit(chosen))
+
+
+def describe_exit(code: int | None) -> str:
+    """``"exit status 1"`` or ``"killed by SIGKILL"`` for a process's return code.
+
+    Args:
+        code: :attr:`subprocess.Popen.returncode`.
+    """
+    if code is None:
+        return "status unknown"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def serve(config: ServerConfig, ready_timeout: float = 180.0, restart: RestartPolicy | None = None) -> int:
+    """Run the server in the foreground until SIGINT or SIGTERM; returns the exit status for the CLI.
+
+    When ``tritonserver`` dies under it, ``serve`` says so in one line, removes its stubs and shared memory,
+    and exits with status 1, or with ``restart.on_failure`` starts it again after a backoff (at most
+    ``restart.limit`` times in a row). ``tritonserver`` also ends when this process is killed (see
+    :mod:`.lifecycle`).
+
+    Args:
+        config: how to run the server.
+        ready_timeout: seconds to wait for readiness at each start.
+        restart: what to do when ``tritonserver`` dies (default: exit).
+
+    Returns:
+        0 after a stop by signal, 1 when ``tritonserver`` died (and was not, or no longer, restarted),
+        2 when the first start failed.
+    """
+    policy = restart or RestartPolicy()
     stopping: list[int] = []
+    internal_port = config.internal_http_port  # 0: a free port at every start
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         stopping.append(signum)
 
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        try:
-            server.start()
-            print(f"Starting Triton on {config.host} (log: {server.log_file}) ...", flush=True)
-            deadline = time.monotonic() + ready_timeout
-            while not server.is_ready():
-                if stopping:
-                    break
-                if server.process is None or server.process.poll() is not None or time.monotonic() > deadline:
-                    server.wait_until_ready(0)  # raises with the server's errors
-                time.sleep(0.2)
-        except ServeError as err:
-            print(f"braintumor serve: {err}", file=sys.stderr)
-            server.stop()
-            return 2
-        if not stopping:
-            _print_ready(config)
-        while not stopping and server.process is not None and server.process.poll() is None:
-            time.sleep(0.2)
-        if not stopping:
-            print(f"braintumor serve: tritonserver stopped unexpectedly:\n{server.errors()}", file=sys.stderr)
-            server.stop()
-            return 1
+    def _sleep(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def _stop(server: TritonServer) -> int:
         print("Stopping Triton (waiting for in-flight requests) ...", flush=True)
         code = server.stop()
         print(f"Stopped (tritonserver exit status {code}).", flush=True)
         return 0
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    server = TritonServer(config)
+    restarts, served = 0, False
+    try:
+        while True:
+            config.internal_http_port = internal_port
+            server = TritonServer(config)
+            up_since = time.monotonic()
+            try:
+                server.start()
+                if server.stale:
+                    print(f"braintumor serve: removed {server.stale.describe()} left by an earlier server", flush=True)
+                print(
+                    f"Starting Triton on {config.host} (log: {server.log_file}; shared memory: "
+                    f"/dev/shm/{server.shm_prefix}*) ...",
+                    flush=True,
+                )
+                deadline = time.monotonic() + ready_timeout
+                while not stopping and not server.is_ready():
+                    if server.process is None or server.process.poll() is not None or time.monotonic() > deadline:
+                        server.wait_until_ready(0)  # raises with the server's errors
+                    time.sleep(0.2)
+            except ServeError as err:
+                server.stop()
+                if not served:
+                    print(f"braintumor serve: {err}", file=sys.stderr)
+                    return 2
+                reason = str(err).splitlines()[0]
+                print(f"braintumor serve: the restarted tritonserver failed: {reason}", file=sys.stderr, flush=True)
+            else:
+                if stopping:
+                    return _stop(server)
+                if restarts:
+                    print(f"braintumor serve: tritonserver is serving again (restart {restarts})", flush=True)
+                else:
+                    _print_ready(config)
+                served, up_since = True, time.monotonic()
+                while not stopping and server.process is not None and server.process.poll() is None:
+                    time.sleep(0.2)
+                if stopping:
+                    return _stop(server)
+                status = describe_exit(server.process.returncode if server.process else None)
+                error = server.last_error()
+                server.stop()
+                procs, regions = server_processes(server.shm_prefix), region_files(server.shm_prefix)
+                left = (
+                    f"{len(procs)} of its processes and {len(regions)} of its shared-memory regions are still there"
+                    if procs or regions
+                    else "its stubs and shared-memory regions are removed"
+                )
+                print(
+                    f"braintumor serve: tritonserver died ({status}); {left}"
+                    + (f"; last error in its log: {error}" if error else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if not policy.on_failure:
+                return 1
+            if time.monotonic() - up_since >= policy.reset_after:
+                restarts = 0
+            if restarts >= policy.limit:
+                print(
+                    f"braintumor serve: giving up after {restarts} restart{'s' if restarts != 1 else ''} "
+                    f"(restart limit {policy.limit})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 1
+            restarts += 1
+            delay = policy.delay(restarts)
+            print(
+                f"braintumor serve: restarting tritonserver in {delay:g} s (restart {restarts} of at most "
+                f"{policy.limit})",
+                file=sys.stderr,
+                flush=True,
+            )
+            _sleep(delay)
+            if stopping:
+                return 0
     finally:
         server.stop()  # whatever happened here (a closed stdout, an error), never leave Triton running
+        config.internal_http_port = internal_port
         for s, handler in previous.items():
             signal.signal(s, handler)
 

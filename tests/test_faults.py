@@ -2,7 +2,8 @@
 
 A bounded load (2,000 batch-1 requests, 16 in flight, through one SDK client with retries) runs while the
 server is killed with SIGKILL and restarted on the same ports, and while a python-backend stub process is
-killed. The test prints the ledger (sent / answered / errored / lost) and requires lost = 0.
+killed. The test prints the ledger (sent / answered / errored / lost) and requires lost = 0, and then that
+no process (``tritonserver``, stub, watchdog) or shared-memory region of either server is left.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from braintumor.classifier import TumorClassifier
 from braintumor.config import INPUT_NAME, LABELS, MODEL_NAME, OUTPUT_NAME
 from braintumor.errors import BrainTumorError
 from braintumor.preprocessing import preprocess_batch
+from braintumor_serving import lifecycle
 from braintumor_serving.triton import ServerConfig, TritonServer
 
 pytestmark = pytest.mark.slow
@@ -49,6 +51,23 @@ def _stub_pids(server_pid: int) -> list[int]:
             if parent == server_pid and b"triton_python_backend_stub" in cmdline:
                 pids.append(int(entry.name))
     return pids
+
+
+def _left_behind(prefixes: list[str], within: float = 10.0) -> list[str]:
+    """What of the servers with ``prefixes`` is still there ``within`` seconds from now: live processes
+    carrying a prefix (``tritonserver``, stubs, the watchdog) and shared-memory regions."""
+    assert all(prefixes), "a server without a shared-memory prefix"
+    deadline = time.monotonic() + within
+    while True:
+        left = [
+            f"pid {p.pid} {p.name}"
+            for p in lifecycle.processes()
+            if p.alive and p.pid != os.getpid() and any(p.carries(x) for x in prefixes)
+        ]
+        left += [f"/dev/shm/{f.name}" for x in prefixes for f in lifecycle.region_files(x)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
 
 
 def test_sigkill_restart_and_stub_kill_lose_nothing(tmp_path, capsys):
@@ -111,11 +130,14 @@ def test_sigkill_restart_and_stub_kill_lose_nothing(tmp_path, capsys):
                 s.stop()
     elapsed = time.monotonic() - started
     lost = TOTAL - (ledger["answered"] + ledger["errored"] + ledger["wrong"])
+    left = _left_behind([s.shm_prefix for s in (server, restarted) if s is not None])
     with capsys.disabled():
         print(
             f"\nfault ledger: sent {TOTAL}, answered {ledger['answered']}, errored {ledger['errored']}, "
-            f"wrong {ledger['wrong']}, lost {lost} in {elapsed:.1f} s; errors: {dict(errors)}"
+            f"wrong {ledger['wrong']}, lost {lost} in {elapsed:.1f} s; errors: {dict(errors)}; "
+            f"left behind: {left or 'nothing'}"
         )
+    assert not left, f"processes or shared memory of the servers outlived them: {left}"
     assert not not_done and lost == 0
     assert ledger["wrong"] == 0
     assert ledger["answered"] >= TOTAL * 0.9  # retries carried almost every request across the restart

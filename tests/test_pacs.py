@@ -419,6 +419,34 @@ def test_triton_unavailable_fails_with_reason_then_processed_on_retry(orthanc, t
             check_result(orthanc, series, classifier, tmp_path)
 
 
+def test_a_series_that_grows_gets_a_new_result_in_place_of_the_old(orthanc, triton, tmp_path, caplog):
+    rng = np.random.default_rng(9)
+    patient = Patient()
+    series = mr_series(rng, patient, n=4, size=96)
+    c_store(series[:3], orthanc)
+    orthanc.wait_stable([series[0].SeriesInstanceUID])
+    state = tmp_path / "state.sqlite"
+    assert run_once(orthanc, state, triton.config.grpc_url).counts == {"done": 1}
+    old_sr, _ = result_of(orthanc, series[:3])
+
+    c_store(series[3:], orthanc)  # a late slice: Orthanc calls the series stable again
+    time.sleep(0.3)
+    orthanc.wait_stable([series[0].SeriesInstanceUID])
+    assert run_once(orthanc, state, triton.config.grpc_url).counts["done"] == 1
+    sr, _ = result_of(orthanc, series)  # exactly one result, about all four slices
+    assert sr.SOPInstanceUID != old_sr.SOPInstanceUID
+    found = results_in_study(orthanc, patient.study_uid)
+    assert len(found["SR"]) == 1 and len(found["OT"]) == 1  # the old result is gone
+
+    # Called stable again with the same instances: nothing is redone.
+    with StateStore(state, OrthancClient(orthanc.url).address) as store:
+        store.enqueue([(orthanc.series_id(series[0].SeriesInstanceUID), "tag")], store.cursor)
+    with caplog.at_level(logging.INFO, logger="braintumor.pacs"):
+        assert run_once(orthanc, state, triton.config.grpc_url).counts == {"done": 1}
+    assert "stable again with the same 4 instances; stays done" in caplog.text
+    assert result_of(orthanc, series)[0].SOPInstanceUID == sr.SOPInstanceUID
+
+
 # -- the state file and the result UIDs, without servers --------------------------------------------------
 def test_state_file_resumes_requeues_and_refuses_a_second_worker(tmp_path):
     path = tmp_path / "state.sqlite"

@@ -146,11 +146,13 @@ class PacsWorker:
         name = f"series {row.tag}"
         try:
             info = self.orthanc.series(row.series_id)
-        except OrthancRequestError:
-            return self._end(row, Status.SKIPPED, "the series is no longer in Orthanc", started)
+        except OrthancRequestError as err:
+            if err.details.get("http") == 404:
+                return self._end(row, Status.SKIPPED, "the series is no longer in Orthanc", started)
+            return self._end(row, Status.FAILED, err.message, started)
         instances = list(info.get("Instances", []))
-        print_ = fingerprint(instances)
-        if row.status == Status.PENDING and row.previous in TERMINAL and row.fingerprint == print_:
+        instance_set = fingerprint(instances)
+        if row.status == Status.PENDING and row.previous in TERMINAL and row.fingerprint == instance_set:
             self.state.finish(row.series_id, row.previous, row.reason)
             log.info("%s: stable again with the same %d instances; stays %s", name, len(instances), row.previous)
             return row.previous
@@ -160,7 +162,7 @@ class PacsWorker:
             return self._end(row, Status.SKIPPED, f"a {MANUFACTURER} result (modality {modality})", started)
         if modality != "MR":
             return self._end(row, Status.SKIPPED, f"modality {modality}, not MR", started)
-        self.state.start(row.series_id, print_)
+        self.state.start(row.series_id, instance_set)
         log.info("%s: %d instances, processing", name, len(instances))
         phases: dict[str, float] = {}
         try:
@@ -185,7 +187,7 @@ class PacsWorker:
                 result.top + 1,
             )
             phases["classify"] = time.perf_counter() - started - sum(phases.values())
-            written = self._write(row, info, result, print_)
+            written = self._write(row, info, result, instance_set)
             phases["write"] = time.perf_counter() - started - sum(phases.values())
         except UnsupportedSeriesError as err:
             return self._end(row, Status.SKIPPED, err.message, started)
@@ -198,7 +200,7 @@ class PacsWorker:
         except Exception as err:  # never stop the worker on one series; the message may hold header values
             log.debug("%s: unexpected error", name, exc_info=True)
             return self._end(row, Status.FAILED, f"unexpected error ({type(err).__name__})", started)
-        self.state.finish(row.series_id, Status.DONE, None, print_, written)
+        self.state.finish(row.series_id, Status.DONE, None, instance_set, written)
         split = ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
         log.info("%s: done in %.2f s (%s)", name, time.perf_counter() - started, split)
         return Status.DONE
@@ -215,12 +217,14 @@ class PacsWorker:
                 self.orthanc.delete_instance(instance)
                 log.info("%s: removed %s", name, why)
 
-    def _write(self, row: SeriesState, info: dict[str, Any], result: SeriesResult, print_: str) -> tuple[str, ...]:
+    def _write(
+        self, row: SeriesState, info: dict[str, Any], result: SeriesResult, instance_set: str
+    ) -> tuple[str, ...]:
         """Store the SR and the Secondary Capture, unless exactly this result is already stored; remove what
         an interrupted attempt or an older result of this series left. Returns the result's SOP UIDs."""
         name = f"series {row.tag}"
         header = result.slices[0].header
-        uids = result_uids(str(header.SeriesInstanceUID), print_, result.model_name, result.model_version)
+        uids = result_uids(str(header.SeriesInstanceUID), instance_set, result.model_name, result.model_version)
         self._delete([u for u in row.planned if u not in uids.instances], "an interrupted attempt's result", name)
         self.state.plan(row.series_id, uids.instances)
         stored = {uid: bool(self.orthanc.instance_ids(uid)) for uid in uids.instances}

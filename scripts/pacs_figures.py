@@ -5,7 +5,8 @@ slices) with made-up patient data, sends it to a temporary Orthanc by C-STORE, r
 reads the SR and the Secondary Capture back from Orthanc, and writes into ``docs/pacs/``:
 
 - ``overlay.png``: the Secondary Capture's pixels, as any viewer shows them;
-- ``sr.txt``: the SR as DCMTK's ``dsrdump`` renders it (DCMTK comes with Debian's orthanc package).
+- ``sr.txt``: the SR as DCMTK's ``dsrdump`` renders it (DCMTK comes with Debian's orthanc package);
+- ``orthanc.png``: the study in Orthanc Explorer, the MR series beside its SR and overlay (headless Chromium).
 
     .venv/bin/python scripts/pacs_figures.py [--url 127.0.0.1:8001]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,6 +48,22 @@ def dataset_slices(size: int = 256) -> list[np.ndarray]:
     return out
 
 
+def explorer(server: OrthancServer, study: str, png: Path) -> None:
+    """Screenshot of the study in Orthanc Explorer (Orthanc's own web viewer), by headless Chromium."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        print("pacs_figures: no chromium, no screenshot of Orthanc Explorer", file=sys.stderr)
+        return
+    url = (
+        f"http://{server.username}:{server.password}@127.0.0.1:{server.http_port}/app/explorer.html#study?uuid={study}"
+    )
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=5000",
+         f"--screenshot={png}", "--window-size=1000,600", url],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="a running Triton's gRPC address (default: start one)")
@@ -73,6 +91,8 @@ def main() -> int:
         print(run.stderr, end="")
         if run.returncode:
             return run.returncode
+        study = server.json_post("/tools/lookup", patient.study_uid)[0]["ID"]
+        explorer(server, study, out / "orthanc.png")
         files = {}
         for found in server.series_of_study(patient.study_uid):
             modality = found["MainDicomTags"].get("Modality")
@@ -84,7 +104,7 @@ def main() -> int:
         sr.write_bytes(files["SR"])
         text = subprocess.run(["dsrdump", str(sr)], capture_output=True, text=True, check=True).stdout
         (out / "sr.txt").write_text(text)
-    print(f"Wrote {out}/overlay.png and sr.txt")
+    print(f"Wrote {out}/overlay.png, sr.txt and orthanc.png")
     return 0
 
 

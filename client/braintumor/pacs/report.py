@@ -18,6 +18,7 @@ import io
 import math
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 import highdicom as hd
 import numpy as np
@@ -128,6 +129,13 @@ def _group(
     )
 
 
+def _dated(dataset: Dataset) -> None:
+    """Date the result's series when it was made (viewers sort and group series by it)."""
+    now = datetime.now()
+    dataset.SeriesDate = dataset.get("ContentDate") or now.strftime("%Y%m%d")
+    dataset.SeriesTime = dataset.get("ContentTime") or now.strftime("%H%M%S")
+
+
 def _coding_schemes() -> list[Dataset]:
     item = Dataset()
     item.CodingSchemeDesignator = SCHEME
@@ -179,6 +187,7 @@ def build_sr(result: SeriesResult, uids: ResultUids, series_number: int = 9001) 
         is_complete=True,
         series_description=f"AI result: {result.model_name} v{result.model_version} (decision support)",
     )
+    _dated(sr)
     sr.ManufacturerModelName = result.model_name
     sr.SoftwareVersions = f"model version {result.model_version}"
     sr.CodingSchemeIdentificationSequence = _coding_schemes()
@@ -271,6 +280,7 @@ def build_sc(result: SeriesResult, uids: ResultUids, picture: Image.Image, serie
         manufacturer=MANUFACTURER,
         series_description=f"AI overlay: {result.model_name} v{result.model_version} (decision support)",
     )
+    _dated(sc)
     sc.ManufacturerModelName = result.model_name
     sc.SoftwareVersions = f"model version {result.model_version}"
     if "BodyPartExamined" in top.header:

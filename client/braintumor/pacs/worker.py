@@ -159,9 +159,11 @@ class PacsWorker:
         tags = info.get("MainDicomTags", {})
         modality = str(tags.get("Modality", "") or "unknown")
         if str(tags.get("Manufacturer", "")) == MANUFACTURER:
-            return self._end(row, Status.SKIPPED, f"a {MANUFACTURER} result (modality {modality})", started)
+            return self._end(
+                row, Status.SKIPPED, f"a {MANUFACTURER} result (modality {modality})", started, instance_set
+            )
         if modality != "MR":
-            return self._end(row, Status.SKIPPED, f"modality {modality}, not MR", started)
+            return self._end(row, Status.SKIPPED, f"modality {modality}, not MR", started, instance_set)
         self.state.start(row.series_id, instance_set)
         log.info("%s: %d instances, processing", name, len(instances))
         phases: dict[str, float] = {}
@@ -190,23 +192,25 @@ class PacsWorker:
             written = self._write(row, info, result, instance_set)
             phases["write"] = time.perf_counter() - started - sum(phases.values())
         except UnsupportedSeriesError as err:
-            return self._end(row, Status.SKIPPED, err.message, started)
+            return self._end(row, Status.SKIPPED, err.message, started, instance_set)
         except (UnreadableSliceError, ClassifierUnavailableError, ClassificationError, ResultWriteError) as err:
-            return self._end(row, Status.FAILED, err.message, started)
+            return self._end(row, Status.FAILED, err.message, started, instance_set)
         except OrthancRequestError as err:
-            return self._end(row, Status.FAILED, err.message, started)
+            return self._end(row, Status.FAILED, err.message, started, instance_set)
         except OrthancUnavailableError:
             raise
         except Exception as err:  # never stop the worker on one series; the message may hold header values
             log.debug("%s: unexpected error", name, exc_info=True)
-            return self._end(row, Status.FAILED, f"unexpected error ({type(err).__name__})", started)
+            return self._end(row, Status.FAILED, f"unexpected error ({type(err).__name__})", started, instance_set)
         self.state.finish(row.series_id, Status.DONE, None, instance_set, written)
         split = ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
         log.info("%s: done in %.2f s (%s)", name, time.perf_counter() - started, split)
         return Status.DONE
 
-    def _end(self, row: SeriesState, status: Status, reason: str, started: float) -> Status:
-        self.state.finish(row.series_id, status, reason)
+    def _end(
+        self, row: SeriesState, status: Status, reason: str, started: float, instance_set: str | None = None
+    ) -> Status:
+        self.state.finish(row.series_id, status, reason, instance_set)
         level = logging.WARNING if status == Status.FAILED else logging.INFO
         log.log(level, "series %s: %s (%.2f s): %s", row.tag, status, time.perf_counter() - started, reason)
         return status

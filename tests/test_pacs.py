@@ -215,7 +215,9 @@ def test_pacs_once_writes_sr_and_overlay_equal_to_the_sdk(orthanc, triton, tmp_p
     for secret in [*patient.secrets(), *uids, orthanc.password]:
         assert secret not in run.stderr + run.stdout, "identifying data in the log"
 
-    # Run again: nothing new is written, the worker's own results are skipped.
+    # Run again once the results are stable too: nothing new is written, the worker's own results are skipped.
+    written = results_in_study(orthanc, patient.study_uid)
+    orthanc.wait_stable([ds.SeriesInstanceUID for objects in written.values() for ds in objects])
     again = run_cli(orthanc, state, triton.config.grpc_url, "--once")
     assert again.returncode == 0, again.stderr
     found = results_in_study(orthanc, patient.study_uid)
@@ -442,7 +444,7 @@ def test_a_series_that_grows_gets_a_new_result_in_place_of_the_old(orthanc, trit
     with StateStore(state, OrthancClient(orthanc.url).address) as store:
         store.enqueue([(orthanc.series_id(series[0].SeriesInstanceUID), "tag")], store.cursor)
     with caplog.at_level(logging.INFO, logger="braintumor.pacs"):
-        assert run_once(orthanc, state, triton.config.grpc_url).counts == {"done": 1}
+        assert run_once(orthanc, state, triton.config.grpc_url).counts["done"] == 1
     assert "stable again with the same 4 instances; stays done" in caplog.text
     assert result_of(orthanc, series)[0].SOPInstanceUID == sr.SOPInstanceUID
 

@@ -312,11 +312,20 @@ class Worker:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         for line in self.process.stderr:
             self.lines.put(line)
+
+    def wait(self, timeout: float = 120) -> int:
+        """Wait for the worker to exit and for its whole log to be read; its exit status."""
+        code = self.process.wait(timeout)
+        self._reader.join(10)
+        while not self.lines.empty():
+            self.log.append(self.lines.get())
+        return code
 
     def wait_for(self, pattern: str, timeout: float = 120) -> str:
         deadline = time.monotonic() + timeout
@@ -344,15 +353,15 @@ def test_stopped_or_killed_mid_series_every_series_ends_with_one_result(orthanc,
     first = Worker(orthanc, state, triton.config.grpc_url)
     tag = first.wait_for(r"series (\w+): 5 instances, processing").split("series ")[1].split(":")[0]
     first.process.send_signal(signal.SIGTERM)
-    assert first.process.wait(120) == 0
+    assert first.wait(120) == 0
     assert (Status.DONE, None) in states(state, orthanc).values()
-    assert any(f"series {tag}: done" in line for line in first.log + list(first.lines.queue))
+    assert any(f"series {tag}: done" in line for line in first.log)
 
     # SIGKILL in the middle of the next series: nothing to finish it.
     second = Worker(orthanc, state, triton.config.grpc_url)
     second.wait_for(r"series \w+: 5 instances, processing")
     second.process.kill()
-    second.process.wait(30)
+    second.wait(30)
     assert Status.IN_PROGRESS in {status for status, _ in states(state, orthanc).values()}
 
     # Restart (in this process, to save a start-up): every series ends done, with one SR and one overlay.

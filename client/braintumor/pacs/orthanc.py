@@ -149,24 +149,44 @@ class OrthancClient:
         return changes, max(last, since), bool(page.get("Done", True))
 
     def series(self, series_id: str) -> dict[str, Any]:
-        """A series' resource (``MainDicomTags``, ``Instances``, ``ParentStudy``, ``IsStable``)."""
+        """A series' resource (``MainDicomTags``, ``Instances``, ``ParentStudy``, ``IsStable``).
+
+        Args:
+            series_id: Orthanc's ID of the series.
+        """
         return self._json(f"/series/{series_id}", "reading a series")
 
     def instance_file(self, instance_id: str) -> bytes:
-        """The DICOM file of an instance, as stored."""
+        """The DICOM file of an instance, as stored.
+
+        Args:
+            instance_id: Orthanc's ID of the instance.
+        """
         return self._request("GET", f"/instances/{instance_id}/file", "reading an instance").content
 
     def lookup(self, uid: str) -> list[dict[str, Any]]:
-        """The resources whose DICOM identifier is ``uid`` (``/tools/lookup``)."""
+        """The resources whose DICOM identifier is ``uid`` (``/tools/lookup``).
+
+        Args:
+            uid: a Study, Series or SOP Instance UID (or a patient ID).
+        """
         return self._request("POST", "/tools/lookup", "looking up an identifier", data=uid).json()
 
     def instance_ids(self, sop_instance_uid: str) -> list[str]:
-        """Orthanc's IDs of the instances with this SOP Instance UID (none, or one)."""
+        """Orthanc's IDs of the instances with this SOP Instance UID (none, or one).
+
+        Args:
+            sop_instance_uid: the instance's UID.
+        """
         return [hit["ID"] for hit in self.lookup(sop_instance_uid) if hit.get("Type") == "Instance"]
 
     # -- writing ----------------------------------------------------------------------------------------
     def delete_instance(self, instance_id: str) -> None:
-        """Delete one instance."""
+        """Delete one instance.
+
+        Args:
+            instance_id: Orthanc's ID of the instance.
+        """
         self._request("DELETE", f"/instances/{instance_id}", "deleting an instance")
 
     def stow(self, study_uid: str, files: Sequence[bytes]) -> None:

@@ -299,7 +299,11 @@ def build_sc(result: SeriesResult, uids: ResultUids, picture: Image.Image, serie
 
 
 def encode(dataset: Dataset) -> bytes:
-    """A dataset as a DICOM Part 10 file."""
+    """A dataset as a DICOM Part 10 file.
+
+    Args:
+        dataset: the SR, the Secondary Capture, or any dataset with file meta information.
+    """
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()

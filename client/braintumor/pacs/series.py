@@ -64,12 +64,20 @@ __all__ = [
 
 
 def tag(identifier: str) -> str:
-    """A short one-way hash of an identifier: how logs and reasons name a series."""
+    """A short one-way hash of an identifier: how logs and reasons name a series.
+
+    Args:
+        identifier: Orthanc's series ID (or any identifier).
+    """
     return hashlib.sha256(identifier.encode()).hexdigest()[:12]
 
 
 def fingerprint(instance_ids: Sequence[str]) -> str:
-    """A hash of a series' instance set (Orthanc's instance IDs): it changes when an instance comes or goes."""
+    """A hash of a series' instance set: it changes when an instance comes or goes, not with their order.
+
+    Args:
+        instance_ids: Orthanc's IDs of the series' instances.
+    """
     return hashlib.sha256("\n".join(sorted(instance_ids)).encode()).hexdigest()[:32]
 
 

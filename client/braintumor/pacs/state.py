@@ -184,7 +184,11 @@ class StateStore:
     _COLUMNS = "id, tag, status, previous, reason, fingerprint, results, planned, attempts"
 
     def get(self, series_id: str) -> SeriesState | None:
-        """The state of one series, or ``None`` when it is unknown."""
+        """The state of one series, or ``None`` when it is unknown.
+
+        Args:
+            series_id: Orthanc's series ID.
+        """
         row = self._db.execute(f"SELECT {self._COLUMNS} FROM series WHERE id = ?", (series_id,)).fetchone()
         return self._row(row) if row else None
 
@@ -197,7 +201,12 @@ class StateStore:
         return self._row(row) if row else None
 
     def start(self, series_id: str, fingerprint: str) -> None:
-        """Mark a series in progress, for the instance set ``fingerprint``."""
+        """Mark a series in progress.
+
+        Args:
+            series_id: Orthanc's series ID.
+            fingerprint: the instance set being processed.
+        """
         with self._transaction():
             self._db.execute(
                 "UPDATE series SET status = ?, fingerprint = ?, attempts = attempts + 1, updated = ? WHERE id = ?",
@@ -206,7 +215,12 @@ class StateStore:
 
     def plan(self, series_id: str, instances: Iterable[str]) -> None:
         """Record the SOP Instance UIDs of the result about to be written, before writing it: a worker that
-        stops while writing finds them on restart."""
+        stops while writing finds them on restart.
+
+        Args:
+            series_id: Orthanc's series ID.
+            instances: the result objects' SOP Instance UIDs.
+        """
         with self._transaction():
             self._db.execute(
                 "UPDATE series SET planned = ?, updated = ? WHERE id = ?",

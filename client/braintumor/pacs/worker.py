@@ -71,6 +71,11 @@ class Summary:
     counts: Counter = field(default_factory=Counter)
 
     def add(self, status: Status) -> None:
+        """Count one series that ended with ``status``.
+
+        Args:
+            status: how it ended.
+        """
         self.counts[str(status)] += 1
 
     def __str__(self) -> str:
@@ -138,6 +143,9 @@ class PacsWorker:
     # -- one series -------------------------------------------------------------------------------------
     def process(self, row: SeriesState) -> Status:
         """Take one queued (or interrupted) series to its end: done, skipped or failed.
+
+        Args:
+            row: the series' state (:meth:`StateStore.next_series`).
 
         Raises:
             OrthancUnavailableError: when Orthanc stops answering; the series stays queued.

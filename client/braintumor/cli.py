@@ -28,11 +28,29 @@ def _require_training(tensorflow: bool = True) -> None:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     _require_training(tensorflow=False)
-    from braintumor_training.audit import audit_dataset
+    from braintumor_training.audit import audit_dataset, audit_sequences
+    from braintumor_training.external import ManifestError
 
+    if args.hand_check and not args.external:
+        print("braintumor audit: --hand-check needs --external (the sequences are estimated from it)", file=sys.stderr)
+        return 2
     report = audit_dataset(
         Path(args.data_dir), threshold=args.threshold, val_fraction=args.val_fraction, seed=args.seed
     )
+    report.command = args.command_line
+    if args.external:
+        try:
+            audit_sequences(
+                report,
+                [Path(e) for e in args.external],
+                hand_check=Path(args.hand_check) if args.hand_check else None,
+                min_confidence=args.min_confidence,
+                seed=args.seed,
+                workers=args.workers,
+            )
+        except (ManifestError, ValueError, OSError) as err:
+            print(f"braintumor audit: {err}", file=sys.stderr)
+            return 2
     json_path, md_path = report.write(Path(args.out))
     print(md_path.read_text())
     print(f"Wrote {json_path} and {md_path}")
@@ -407,12 +425,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braintumor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("audit", help="audit a folder-per-class dataset (integrity, duplicates, leakage)")
+    p = sub.add_parser(
+        "audit", help="audit a folder-per-class dataset (integrity, duplicates, leakage; sequences with --external)"
+    )
     p.add_argument("data_dir")
     p.add_argument("--out", default="audit", help="folder for audit.json and audit.md (default: audit)")
     p.add_argument("--threshold", type=int, default=None, help="near-duplicate Hamming distance (of 256)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--external",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a manifest dataset (folder with manifest.csv, e.g. ../shared/data/mri-external; repeatable): report "
+        "its findings against sources and sequences, and estimate the audited dataset's sequences with a small "
+        "classifier trained on its labelled ones",
+    )
+    p.add_argument(
+        "--hand-check",
+        default=None,
+        metavar="CSV",
+        help="hand labels of some images' sequences (path,sequence; e.g. docs/audit/sequence-check.csv) to compare "
+        "the estimates with",
+    )
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        default=None,
+        help="smallest top probability of a definite sequence estimate (default 0.6; below: 'uncertain')",
+    )
+    p.add_argument("--workers", type=int, default=2, help="threads decoding images for the sequence estimate")
     p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("train", help="audit, split and train MobileNetV3Small into a run folder")

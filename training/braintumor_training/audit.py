@@ -77,17 +77,26 @@ class AuditReport:
     summary: dict[str, int]
     leak_free_test: list[str]
     split: dict[str, list[str]] = field(default_factory=dict)
+    external: list[dict[str, Any]] = field(default_factory=list)
+    sequences: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Return the report as plain JSON-serialisable data."""
         return dict(self.__dict__)
 
     def write(self, out_dir: Path) -> tuple[Path, Path]:
-        """Write ``audit.json`` and the readable ``audit.md`` into ``out_dir``."""
+        """Write ``audit.json`` and the readable ``audit.md`` into ``out_dir``.
+
+        With a sequence audit (:func:`audit_sequences`), also ``sequences.csv``: each image's estimated
+        sequence and its probabilities.
+        """
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path, md_path = out_dir / "audit.json", out_dir / "audit.md"
         json_path.write_text(json.dumps(self.to_dict(), indent=1))
         md_path.write_text(render_summary(self))
+        if self.sequences.get("images"):
+            write_sequence_csv(self.sequences["images"], out_dir / "sequences.csv")
         return json_path, md_path
 
 
@@ -267,6 +276,7 @@ def render_summary(report: AuditReport) -> str:
     lines = [
         "# Dataset audit",
         "",
+        *([f"Command: `{report.command}`  "] if report.command else []),
         f"Dataset: `{report.data_dir}`  ",
         f"Near duplicates: perceptual hash (pHash, 16×16 = 256 bits) at Hamming distance ≤ {report.threshold}.",
         "",
@@ -307,4 +317,348 @@ def render_summary(report: AuditReport) -> str:
     if report.unreadable:
         lines += ["", "## Unreadable files", ""]
         lines += [f"- `{u['path']}`: {u['error']}" for u in report.unreadable]
+    if report.external or report.sequences:
+        lines += ["", *render_sequences(report)]
     return "\n".join(lines) + "\n"
+
+
+def write_sequence_csv(images: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Write each image's estimated sequence (rows of :func:`audit_sequences`' ``images``) as CSV."""
+    import csv
+
+    columns = list(images[0]) if images else ["path"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(images)
+    return path
+
+
+def manifest_tables(records: Sequence[Any], estimated: dict[str, str] | None = None) -> dict[str, Any]:
+    """Findings against sources and sequences of a manifest dataset.
+
+    Args:
+        records: its :class:`~braintumor_training.external.ManifestRecord` rows.
+        estimated: ``{path: estimated sequence}`` for rows whose sequence is ``unknown``.
+
+    Returns:
+        ``{"n_images", "finding_by_source", "finding_by_sequence", "finding_by_estimated_sequence"}``, each
+        table ``{finding: {column: n}}``; the last only for the rows ``estimated`` names, by source.
+    """
+    from braintumor_training.sequences import count_table
+
+    findings = [r.finding for r in records]
+    tables: dict[str, Any] = {
+        "n_images": len(records),
+        "finding_by_source": count_table(findings, [r.source for r in records]),
+        "finding_by_sequence": count_table(findings, [r.sequence for r in records]),
+    }
+    if estimated:
+        guessed = [r for r in records if r.path in estimated]
+        by_source: dict[str, Any] = {}
+        for source in sorted({r.source for r in guessed}):
+            rows = [r for r in guessed if r.source == source]
+            by_source[source] = count_table([r.finding for r in rows], [estimated[r.path] for r in rows])
+        tables["finding_by_estimated_sequence"] = by_source
+    return tables
+
+
+def bias_summary(table: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The figures behind the audit's plain sentence on sequence bias, from a class × sequence table.
+
+    Returns:
+        ``{"tumor", "tumor_t1c", "tumor_t1c_share", "tumor_t1_weighted", "tumor_t1_weighted_share", "t2",
+        "t2_notumor", "t2_notumor_share", "notumor", "notumor_t2", "notumor_t2_share"}`` (tumour = every class
+        but ``notumor``; T1-weighted = T1 or T1C).
+    """
+    notumor = LABELS[2]
+    tumor = {c: row for c, row in table.items() if c != notumor}
+    n_tumor = sum(sum(row.values()) for row in tumor.values())
+    n_tumor_t1c = sum(row.get("T1C", 0) for row in tumor.values())
+    n_tumor_t1 = sum(row.get("T1", 0) for row in tumor.values()) + n_tumor_t1c
+    n_t2 = sum(row.get("T2", 0) for row in table.values())
+    n_t2_notumor = table.get(notumor, {}).get("T2", 0)
+    n_notumor = sum(table.get(notumor, {}).values())
+    return {
+        "tumor": n_tumor,
+        "tumor_t1c": n_tumor_t1c,
+        "tumor_t1c_share": n_tumor_t1c / n_tumor if n_tumor else 0.0,
+        "tumor_t1_weighted": n_tumor_t1,
+        "tumor_t1_weighted_share": n_tumor_t1 / n_tumor if n_tumor else 0.0,
+        "t2": n_t2,
+        "t2_notumor": n_t2_notumor,
+        "t2_notumor_share": n_t2_notumor / n_t2 if n_t2 else 0.0,
+        "notumor": n_notumor,
+        "notumor_t2": n_t2_notumor,
+        "notumor_t2_share": n_t2_notumor / n_notumor if n_notumor else 0.0,
+    }
+
+
+def audit_sequences(
+    report: AuditReport,
+    external: Sequence[Path],
+    hand_check: Path | None = None,
+    min_confidence: float | None = None,
+    seed: int = 42,
+    folds: int = 5,
+    workers: int = 2,
+) -> AuditReport:
+    """Add classes against sources and sequences to an audit: of manifest datasets, and estimated for the folder.
+
+    A :class:`~braintumor_training.sequences.SequenceClassifier` is fitted on the manifests' labelled
+    sequences and cross-validated with near-duplicate groups kept in one fold; it then estimates the
+    sequence of every readable image of the audited folder dataset (and of the manifests' ``unknown``
+    rows), and is compared with a hand check where one is given.
+
+    Args:
+        report: an :func:`audit_dataset` report (filled in place and returned).
+        external: manifest dataset folders (``mri-external``).
+        hand_check: CSV of hand labels (``path,sequence``, paths relative to the folder dataset).
+        min_confidence: smallest top probability of a definite estimate (default: the classifier's).
+        seed: seed of the classifier and of its folds.
+        folds: cross-validation folds.
+        workers: decoding threads.
+    """
+    from braintumor_training.external import read_manifest
+    from braintumor_training.sequences import (
+        DEFAULT_MIN_CONFIDENCE,
+        FEATURE_PREPROCESSING,
+        LEARNED_SEQUENCES,
+        UNCERTAIN,
+        SequenceClassifier,
+        agreement,
+        count_table,
+        cross_validate,
+        decide,
+        features_of,
+        hand_check_samples,
+        labelled_slices,
+        read_hand_labels,
+    )
+
+    threshold = DEFAULT_MIN_CONFIDENCE if min_confidence is None else min_confidence
+    manifests = [(Path(root), read_manifest(Path(root), check_images=False)) for root in external]
+    records = [r for _, rs in manifests for r in rs]
+    labelled = labelled_slices(records, threshold=report.threshold, workers=workers)
+    if len(set(labelled.sequences)) < 2:
+        raise ValueError(f"the manifests label fewer than two of the sequences {', '.join(LEARNED_SEQUENCES)}")
+    classifier = SequenceClassifier(threshold, seed).fit(labelled.features, labelled.sequences)
+    validation = cross_validate(labelled.features, labelled.sequences, labelled.groups, folds, seed, threshold)
+
+    unknown = [r for r in records if r.sequence not in LEARNED_SEQUENCES]
+    unknown_estimates = classifier.predict(features_of([r.path for r in unknown], workers))
+    estimated_external = dict(zip([r.path for r in unknown], unknown_estimates, strict=True))
+    report.external = [
+        {"name": root.name, "root": str(root.resolve()), **manifest_tables(rs, estimated_external)}
+        for root, rs in manifests
+    ]
+
+    data_dir = Path(report.data_dir)
+    unreadable = {u["path"] for u in report.unreadable}
+    folder = [r for r in scan_dataset(data_dir) if r.path not in unreadable]
+    probabilities = classifier.predict_proba(features_of([data_dir / r.path for r in folder], workers))
+    estimates = decide(probabilities, classifier.classes, threshold)
+    images = [
+        {
+            "path": r.path,
+            "split": r.split,
+            "label": r.label,
+            "sequence": guess,
+            **{f"p_{c}": round(float(p), 3) for c, p in zip(classifier.classes, row, strict=True)},
+        }
+        for r, guess, row in zip(folder, estimates, probabilities, strict=True)
+    ]
+    by_split = {
+        split: count_table(
+            [r.label for r in folder if r.split == split],
+            [e for r, e in zip(folder, estimates, strict=True) if r.split == split],
+        )
+        for split in (TRAIN_SPLIT, TEST_SPLIT)
+    }
+    everything = count_table([r.label for r in folder], estimates)
+    sequences: dict[str, Any] = {
+        "classifier": {
+            "features": "slice_features on " + FEATURE_PREPROCESSING.to_json(),
+            "model": "HistGradientBoostingClassifier (seeded)",
+            "trained_on": count_table(labelled.sources, labelled.sequences),
+            "near_duplicate_groups": len(np.unique(labelled.groups)),
+            "min_confidence": threshold,
+            "cross_validation": validation,
+        },
+        "columns": [*classifier.classes, UNCERTAIN],
+        "by_split": by_split,
+        "all": everything,
+        "bias": bias_summary(everything),
+        "images": images,
+    }
+    if hand_check is not None:
+        hand = read_hand_labels(Path(hand_check))
+        guessed = {image["path"]: image["sequence"] for image in images}
+        check = {"file": str(hand_check), **agreement(hand, guessed)}
+        check["by_class"] = count_table([p.split("/")[1] for p in hand], list(hand.values()))
+        check["samples"] = {
+            name: agreement(read_hand_labels(Path(hand_check), name), guessed)
+            for name in hand_check_samples(Path(hand_check))
+        }
+        sequences["hand_check"] = check
+    report.sequences = sequences
+    return report
+
+
+def _markdown_table(
+    table: dict[str, dict[str, int]], columns: Sequence[str], first: str, rows: Sequence[str] | None = None
+) -> list[str]:
+    """A Markdown table of counts ``{row: {column: n}}`` with a total column and a total row."""
+    rows = [r for r in (rows or sorted(table)) if r in table]
+    lines = [f"| {first} | " + " | ".join(columns) + " | total |", "|---|" + "---:|" * (len(columns) + 1)]
+    for row in rows:
+        counts = [table[row].get(c, 0) for c in columns]
+        lines.append(f"| {row} | " + " | ".join(str(n) for n in counts) + f" | {sum(table[row].values())} |")
+    totals = [sum(table[r].get(c, 0) for r in rows) for c in columns]
+    lines.append("| total | " + " | ".join(str(n) for n in totals) + f" | {sum(totals)} |")
+    return lines
+
+
+def _columns(table: dict[str, dict[str, int]], order: Sequence[str] = ()) -> list[str]:
+    seen = {c for row in table.values() for c in row}
+    return [c for c in order if c in seen] + sorted(seen - set(order))
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part} of {whole} ({100 * part / whole:.0f} %)" if whole else f"{part} of 0"
+
+
+def render_sequences(report: AuditReport) -> list[str]:
+    """The Markdown of classes against sources and sequences (:func:`audit_sequences`)."""
+    from braintumor_training.external import FINDINGS, SEQUENCES
+    from braintumor_training.sequences import HAND_SEQUENCES, LEARNED_SEQUENCES, UNCERTAIN
+
+    lines = ["## Classes, sources and sequences", ""]
+    for dataset in report.external:
+        lines += [
+            f"### {dataset['name']} (manifest dataset, {dataset['n_images']} images)",
+            "",
+            f"`{dataset['root']}`",
+            "",
+            "Finding × source:",
+            "",
+            *_markdown_table(dataset["finding_by_source"], _columns(dataset["finding_by_source"]), "finding", FINDINGS),
+            "",
+            "Finding × sequence (as labelled by the source):",
+            "",
+            *_markdown_table(
+                dataset["finding_by_sequence"], _columns(dataset["finding_by_sequence"], SEQUENCES), "finding", FINDINGS
+            ),
+            "",
+        ]
+        for source, table in dataset.get("finding_by_estimated_sequence", {}).items():
+            lines += [
+                f"Estimated sequence of the `{source}` images, whose sequence is not labelled (see the classifier"
+                " below):",
+                "",
+                *_markdown_table(table, [*LEARNED_SEQUENCES, UNCERTAIN], "finding", FINDINGS),
+                "",
+            ]
+    seq = report.sequences
+    if not seq:
+        return lines
+    name = Path(report.data_dir).name
+    clf, columns = seq["classifier"], seq["columns"]
+    cv = clf["cross_validation"]
+    trained = clf["trained_on"]
+    lines += [
+        f"### {name}: estimated sequences",
+        "",
+        f"`{name}` does not label sequences: they are estimated by a small classifier (gradient boosting on"
+        f" about a hundred intensity features of the head-cropped, stretched 160 × 160 slice; no network),"
+        " trained on the labelled slices of the manifest datasets:",
+        "",
+        *_markdown_table(trained, _columns(trained, LEARNED_SEQUENCES), "source"),
+        "",
+        f"Cross-validated with {cv['folds']} folds that keep each group of near duplicates in one fold"
+        f" ({clf['near_duplicate_groups']} groups): accuracy {cv['accuracy']:.3f}.",
+        "",
+        "| sequence | slices | accuracy |",
+        "|---|---:|---:|",
+        *[f"| {s} | {v['n']} | {v['accuracy']:.3f} |" for s, v in cv["per_sequence"].items()],
+        "",
+        f"An estimate whose top probability is below {clf['min_confidence']} is counted as `{UNCERTAIN}`"
+        f" ({100 * (1 - cv['confident_share']):.1f} % of the cross-validated slices).",
+        "",
+    ]
+    for split, table in seq["by_split"].items():
+        lines += [f"Class × estimated sequence, {split}:", "", *_markdown_table(table, columns, "class", LABELS), ""]
+    lines += ["Class × estimated sequence, both splits:", "", *_markdown_table(seq["all"], columns, "class", LABELS)]
+    bias = seq["bias"]
+    n_all = sum(sum(row.values()) for row in seq["all"].values())
+    skewed = n_all and bias["t2"] and bias["t2_notumor_share"] > 1.5 * bias["notumor"] / n_all
+    lines += [
+        "",
+        f"**Bias.** {_share(bias['tumor_t1c'], bias['tumor'])} tumour slices (glioma, meningioma, pituitary) are"
+        f" estimated T1C ({bias.get('tumor_t1_weighted', 0)} T1 or T1C), and"
+        f" {_share(bias['t2_notumor'], bias['t2'])} slices estimated T2 are `notumor`"
+        f" ({_share(bias['notumor_t2'], bias['notumor'])} `notumor` slices are T2; `notumor` is"
+        f" {_share(bias['notumor'], n_all)} slices in all). "
+        + (
+            "The sequence alone predicts much of the class: a model trained on this dataset can learn that"
+            " bright fluid means no tumour, and will miss tumours on T2 and FLAIR slices."
+            if skewed
+            else "The estimated T2 slices are not markedly more often `notumor` than the dataset as a whole."
+        ),
+        "",
+        "The classifier learns only the sequences labelled in the manifest datasets"
+        f" ({', '.join(_columns(trained, LEARNED_SEQUENCES))}); a slice of another sequence (FLAIR above all) is"
+        " counted as the labelled sequence it resembles most.",
+    ]
+    check = seq.get("hand_check")
+    if check:
+        by_eye = check["by_class"]
+        tumor_rows = [row for c, row in by_eye.items() if c != LABELS[2]]
+        n_tumor = sum(sum(row.values()) for row in tumor_rows)
+        notumor = by_eye.get(LABELS[2], {})
+        lines += [
+            "",
+            f"By eye (hand check): {_share(sum(row.get('T1C', 0) for row in tumor_rows), n_tumor)} tumour slices"
+            f" are T1C and {sum(row.get('T2', 0) + row.get('FLAIR', 0) for row in tumor_rows)} T2 or FLAIR;"
+            f" {_share(notumor.get('T2', 0) + notumor.get('FLAIR', 0), sum(notumor.values()))} `notumor` slices"
+            f" are T2 or FLAIR ({notumor.get('T1C', 0)} T1C).",
+        ]
+        flair = check["confusion"].get("FLAIR", {})
+        seen_t1c = check["confusion"].get("T1C", {})
+        estimated = ", ".join(f"{k} {v}" for k, v in flair.items() if v)
+        if flair:
+            lines += [
+                "",
+                f"FLAIR slices in the hand check: {sum(flair.values())} of {check['n']}, estimated as: {estimated}.",
+            ]
+        if seen_t1c:
+            lines += [
+                "",
+                f"Of the {sum(seen_t1c.values())} slices seen as T1C by eye, {seen_t1c.get('T1', 0)} were"
+                f" estimated T1 and {seen_t1c.get('T2', 0)} T2: read the T1 and T1C columns together where"
+                " they disagree.",
+            ]
+    check = seq.get("hand_check")
+    if check:
+        lines += [
+            "",
+            f"#### Hand check ({check['n']} images, `{check['file']}`)",
+            "",
+            "Hand label × estimate:",
+            "",
+            *_markdown_table(check["confusion"], [*LEARNED_SEQUENCES, UNCERTAIN], "by eye", HAND_SEQUENCES),
+            "",
+            f"Agreement on the images whose hand label the classifier can answer ({', '.join(LEARNED_SEQUENCES)}):"
+            f" {_share(check['agree'], check['comparable'])}.",
+        ]
+        for sample, result in check.get("samples", {}).items():
+            lines.append(
+                f"- sample {sample}: {result['agree']} of {result['comparable']} ({100 * result['agreement']:.0f} %)"
+            )
+        lines += [
+            "",
+            "Class × sequence by eye:",
+            "",
+            *_markdown_table(check["by_class"], _columns(check["by_class"], HAND_SEQUENCES), "class", LABELS),
+        ]
+    return lines

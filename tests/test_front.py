@@ -16,6 +16,7 @@ import json
 import os
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -36,7 +37,14 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from braintumor.config import CHANNELS, IMAGE_SIZE, INPUT_NAME, MAX_BATCH_SIZE, MODEL_NAME, OUTPUT_NAME
 from braintumor.preprocessing import preprocess_batch
-from braintumor_serving.front import FRONT_KEY_HEADER, ModelSpec, check_inference_request
+from braintumor_serving.front import (
+    FRONT_KEY_HEADER,
+    ModelSpec,
+    RequestError,
+    TensorSpec,
+    check_inference_request,
+    parse_inference_body,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -302,8 +310,47 @@ def test_the_fronts_model_spec_is_the_served_configuration(server):
     assert spec.max_batch_size == MAX_BATCH_SIZE
     (image,) = spec.inputs
     assert (image.name, image.datatype, image.dims) == (INPUT_NAME, "UINT8", (IMAGE_SIZE, IMAGE_SIZE, CHANNELS))
-    assert spec.body_limit(True, 24, 2**40) == MAX_BATCH_SIZE * IMAGE_SIZE * IMAGE_SIZE * CHANNELS + 64 * 1024
+    assert spec.body_limit(True, 2**40) == MAX_BATCH_SIZE * IMAGE_SIZE * IMAGE_SIZE * CHANNELS + 64 * 1024
     check_inference_request(spec, json.loads(_image_json(ONE, [0] * ONE_ELEMENTS)), None)
+
+
+def test_json_limits_admit_the_largest_real_request_and_refuse_empty_lists_before_parsing():
+    """The body and container limits fit the widest compact JSON of a full batch, nested or flat; a body of
+    empty lists (3 bytes each, ~60 bytes each once parsed) is refused by counting, before json.loads."""
+    spec = ModelSpec("m", 4, (TensorSpec("x", "UINT8", (5, 6, 3)),))
+    nested = np.full((4, 5, 6, 3), 255, np.uint8).tolist()
+    for data in (nested, np.asarray(nested).ravel().tolist()):
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [4, 5, 6, 3], "data": data}]})
+        assert len(body) <= spec.body_limit(False, 2**40) - 64 * 1024 + 100
+        parse_inference_body(spec, body.encode(), None)
+    head = b'{"inputs": [{"name": "x", "datatype": "UINT8", "shape": [4, 5, 6, 3], "data": ['
+    empty = head + b"[]," * 2000 + b"[]]}]}"
+    with pytest.raises(RequestError, match="lists and objects") as refused:
+        parse_inference_body(spec, empty, None)
+    assert refused.value.status == 400
+    assert spec.body_limit(False, 2**40) < 8 * 4 * 5 * 6 * 3 + 64 * 1024  # UINT8: 5 bytes an element, not 24
+
+
+def _empty_lists_body(count: int) -> bytes:
+    head = json.dumps({"name": INPUT_NAME, "datatype": "UINT8", "shape": ONE})[:-1].encode()
+    return b'{"inputs": [' + head + b', "data": [' + b"[]," * count + b"[]]}]}"
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+def test_a_body_of_empty_lists_is_refused_quickly_and_the_server_stays_ready(server, reference, compressed):
+    """Two million empty lists (6 MB, 60 KB gzipped) would take ~130 MB per parse and hold the GIL for
+    seconds; the front counts the brackets first and refuses it."""
+    body, headers = _empty_lists_body(2_000_000), {}
+    if compressed:
+        body, headers = gzip.compress(body), {"Content-Encoding": "gzip"}
+    started = time.monotonic()
+    status, answer = post(server.config.http_url, INFER, body, headers)
+    took = time.monotonic() - started
+    assert status in (400, 413) and "lists and objects" in answer["error"], answer
+    assert took < 10, f"refusing took {took:.1f} s"
+    with urllib.request.urlopen(f"http://{server.config.http_url}/v2/health/ready", timeout=5) as ready:
+        assert ready.status == 200
+    assert_still_serving(server, reference)
 
 
 # -- bounded protocol fuzz ---------------------------------------------------------------------------------

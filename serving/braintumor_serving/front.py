@@ -54,6 +54,22 @@ DATATYPE_SIZES = {
     "INT64": 8,
     "FP64": 8,
 }
+#: The most text one element takes in compact JSON (``json.dumps``' separators): its widest value and ", ".
+#: A JSON body may hold at most this per element, plus the lists that nest them (see :meth:`ModelSpec.body_limit`).
+JSON_BYTES_PER_ELEMENT = {
+    "BOOL": len("false, "),
+    "UINT8": len("255, "),
+    "INT8": len("-128, "),
+    "UINT16": len("65535, "),
+    "INT16": len("-32768, "),
+    "UINT32": len("4294967295, "),
+    "INT32": len("-2147483648, "),
+    "UINT64": len("18446744073709551615, "),
+    "INT64": len("-9223372036854775808, "),
+    **{name: len("-2.2250738585072014e-308, ") for name in ("FP16", "BF16", "FP32", "FP64")},
+}
+#: Lists and objects a request may hold beyond those that nest its data (``inputs``, ``parameters``, ...).
+JSON_EXTRA_CONTAINERS = 64
 _INTEGER_RANGES = {
     name: (-(1 << (8 * size - 1)), (1 << (8 * size - 1)) - 1) if name.startswith("INT") else (0, (1 << 8 * size) - 1)
     for name, size in DATATYPE_SIZES.items()
@@ -149,11 +165,34 @@ class ModelSpec:
             return None
         return max(self.max_batch_size, 1) * math.prod(tensor.dims)
 
-    def body_limit(self, binary: bool, json_bytes_per_element: int, cap: int) -> int:
+    def max_lists(self, tensor: TensorSpec) -> int | None:
+        """The most JSON lists one request's ``data`` for ``tensor`` needs: fully nested, one list per
+        element of each dimension but the last, and the outer one; ``None`` when a dimension is variable."""
+        if any(d < 0 for d in tensor.dims):
+            return None
+        shape = ([max(self.max_batch_size, 1)] if self.max_batch_size > 0 else []) + list(tensor.dims)
+        return sum(math.prod(shape[:k]) for k in range(len(shape)))
+
+    def json_container_limit(self) -> int | None:
+        """The most ``[`` and ``{`` a JSON request (or JSON header) may hold; ``None`` when unbounded.
+
+        Counted before the JSON is parsed: ``json.loads`` makes a Python list of about 60 bytes from the
+        3 bytes ``[],``, so a body of empty lists would cost twenty times its size in memory.
+        """
+        total = JSON_EXTRA_CONTAINERS
+        for tensor in self.inputs:
+            lists = self.max_lists(tensor)
+            if lists is None:
+                return None
+            total += lists
+        return total
+
+    def body_limit(self, binary: bool, cap: int) -> int:
         """The largest request body worth reading for this model, at most ``cap``.
 
         A binary-data request holds each input's raw bytes and a small JSON header; a JSON request writes
-        every element as text, at most ``json_bytes_per_element`` bytes each.
+        every element as compact text, at most :data:`JSON_BYTES_PER_ELEMENT` bytes each for its datatype,
+        and the lists that nest them (``"[", "]", ", "``: 4 bytes each).
         """
         total = 64 * 1024  # the JSON around the data
         for tensor in self.inputs:
@@ -161,7 +200,10 @@ class ModelSpec:
             size = DATATYPE_SIZES.get(tensor.datatype)
             if elements is None or size is None:
                 return cap
-            total += elements * (size if binary else json_bytes_per_element)
+            if binary:
+                total += elements * size
+            else:
+                total += elements * JSON_BYTES_PER_ELEMENT[tensor.datatype] + 4 * (self.max_lists(tensor) or 0)
         return min(total, cap)
 
 
@@ -313,17 +355,26 @@ def check_inference_request(spec: ModelSpec, header: object, binary_bytes: int |
             )
 
 
-def parse_inference_body(spec: ModelSpec, body: bytes, header_length: int | None) -> None:
+def parse_inference_body(spec: ModelSpec, body: bytes | bytearray, header_length: int | None) -> None:
     """Decode an inference request's body (JSON, or JSON header and binary data) and check it.
 
     Raises:
-        RequestError: 400 when the body is not valid JSON or does not pass :func:`check_inference_request`.
+        RequestError: 400 when the JSON holds more lists and objects than the model's inputs can need (counted
+            before parsing), is not valid JSON, or does not pass :func:`check_inference_request`.
     """
     if header_length is not None and not 0 < header_length <= len(body):
         raise RequestError(
             400, f"Inference-Header-Content-Length {header_length} is outside the body's {len(body)} bytes"
         )
     text = body if header_length is None else body[:header_length]
+    containers = spec.json_container_limit()
+    if containers is not None:
+        found = text.count(b"[") + text.count(b"{")  # before parsing: see ModelSpec.json_container_limit
+        if found > containers:
+            raise RequestError(
+                400,
+                f"the request's JSON holds {found} lists and objects; model '{spec.name}' needs at most {containers}",
+            )
     try:
         header = json.loads(text)
     except (ValueError, RecursionError) as err:
@@ -344,7 +395,6 @@ class FrontLimits:
         other_body_bytes: the largest body of any other request.
         buffered_bytes: request bodies held at once, all connections together; beyond it, 503.
         connections: open connections; beyond it, 503.
-        json_bytes_per_element: text allowed per tensor element on the JSON path.
         json_checks: JSON bodies decoded at once (the rest wait their turn).
     """
 
@@ -356,7 +406,6 @@ class FrontLimits:
     other_body_bytes: int = 1024 * 1024
     buffered_bytes: int = 512 * 1024 * 1024
     connections: int = 1024
-    json_bytes_per_element: int = 24
     json_checks: int = 2
 
 
@@ -366,7 +415,7 @@ class _Request:
     target: str
     version: str
     headers: list[tuple[str, str]]
-    body: bytes = b""
+    body: bytes | bytearray = b""
     body_read: bool = False
     reserved: int = 0
     names: dict[str, list[str]] = field(default_factory=dict)
@@ -557,9 +606,8 @@ class HttpFront:
             request.body = await asyncio.wait_for(self._read_chunks(request, reader, limit), self.limits.body_timeout)
         request.body_read = True
 
-    async def _read_chunks(self, request: _Request, reader: asyncio.StreamReader, limit: int) -> bytes:
-        parts: list[bytes] = []
-        total = 0
+    async def _read_chunks(self, request: _Request, reader: asyncio.StreamReader, limit: int) -> bytearray:
+        body = bytearray()  # one buffer: a list of many small chunks would cost ~40 bytes of overhead each
         while True:
             line = (await reader.readuntil(b"\r\n"))[:-2].split(b";")[0].strip()
             if not line or not all(c in b"0123456789abcdefABCDEF" for c in line) or len(line) > 16:
@@ -568,15 +616,13 @@ class HttpFront:
             if size == 0:
                 while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers: read and dropped
                     pass
-                return b"".join(parts)
-            total += size
-            if total > limit:
+                return body
+            if len(body) + size > limit:
                 raise RequestError(413, f"the body exceeds this request's limit of {limit} bytes")
             self._reserve(request, size)
-            chunk = await reader.readexactly(size + 2)
-            if chunk[-2:] != b"\r\n":
+            body += await reader.readexactly(size)
+            if await reader.readexactly(2) != b"\r\n":
                 raise RequestError(400, "malformed chunked body")
-            parts.append(chunk[:-2])
 
     def _reserve(self, request: _Request, size: int) -> None:
         if self._buffered + size > self.limits.buffered_bytes:
@@ -599,7 +645,7 @@ class HttpFront:
         if header_text is not None and not header_text.isdigit():
             raise RequestError(400, f"bad Inference-Header-Content-Length {header_text[:40]!r}")
         header_length = int(header_text) if header_text is not None else None
-        limit = spec.body_limit(header_length is not None, self.limits.json_bytes_per_element, self.limits.body_bytes)
+        limit = spec.body_limit(header_length is not None, self.limits.body_bytes)
         await self._read_body(request, reader, writer, limit)
         coding = (request.get("content-encoding") or "identity").lower()
         if coding in ("gzip", "deflate"):

@@ -1,8 +1,7 @@
 """Manifest datasets (mri-external): reading and checking rows, the split by near-duplicate group, the set
-cross-entropy for tumours of another or unstated type, the sequence-contrast augmentation, and a tiny run
-trained on both datasets."""
+cross-entropy for tumours of another or unstated type, the sequence-contrast augmentation. A tiny run
+trained on both datasets is in test_train_export.py."""
 
-import json
 import subprocess
 import sys
 
@@ -164,20 +163,3 @@ def test_sequence_contrast_transforms_keep_the_background_black_and_are_seeded()
     np.testing.assert_array_equal(untouched, batch.numpy())
     augmented = build_augmenter(0, "sequence")(batch)
     assert augmented.shape == batch.shape and float(tf.reduce_min(augmented)) >= 0
-
-
-@pytest.mark.slow
-def test_a_tiny_run_trains_on_both_datasets(manifest_data, tmp_path):
-    from braintumor.cli import main
-
-    data = make_dataset(tmp_path / "data", {"Training": 12, "Testing": 3}, seed=4)
-    out = tmp_path / "run"
-    command = ["train", "--data", str(data), "--external", str(manifest_data), "--out", str(out), "--epochs", "1"]
-    assert main([*command, "--image-size", "32", "--augmentation", "sequence", "--crop-to-head"]) == 0
-    split = json.loads((out / "external_split.json").read_text())
-    assert set(split["parts"].values()) == {"train", "val", "test"}
-    run = json.loads((out / "run.json").read_text())["sessions"][0]
-    n_external_train = sum(p == "train" for p in split["parts"].values())
-    n_kaggle_train = len(json.loads((out / "audit.json").read_text())["split"]["train"])
-    assert run["train_images"] == n_kaggle_train + n_external_train
-    assert set(run["class_weight"]) == {"glioma", "meningioma", "notumor", "pituitary", "tumor"}

@@ -99,6 +99,31 @@ def test_a_published_version_is_judged_on_a_runs_external_test_part(run_dir, dat
     assert main(["evaluate", "--version", "2"]) == 2  # needs --external-split
 
 
+def test_a_run_trains_on_both_datasets_and_the_ablation_judges_it(run_dir, external, tmp_path):
+    from braintumor_training.ablation import main as ablation
+
+    split = json.loads((run_dir / "external_split.json").read_text())
+    assert set(split["parts"].values()) == {"train", "val", "test"}
+    run = json.loads((run_dir / "run.json").read_text())["sessions"][0]
+    n_external_train = sum(p == "train" for p in split["parts"].values())
+    n_folder_train = len(json.loads((run_dir / "audit.json").read_text())["split"]["train"])
+    assert run["train_images"] == n_folder_train + n_external_train
+    # tumours of no class train as one kind of target ("tumor"), weighted like each class
+    assert set(run["class_weight"]) == {"glioma", "meningioma", "notumor", "pituitary", "tumor"}
+    out = tmp_path / "ablation"
+    split_file = run_dir / "external_split.json"
+    assert (
+        ablation([str(run_dir), "--external-split", str(split_file), "--external", str(external), "--out", str(out)])
+        == 0
+    )
+    result = json.loads((out / "ablation.json").read_text())[0]
+    n_t2 = sum(
+        1 for path, part in split["parts"].items() if part == "test" and "_T2_" in path and "notumor" not in path
+    )
+    assert result["cells"]["T2 sensitivity"]["n"] == n_t2
+    assert "| brain-tumor-mri + mri-external | v1 | 2 |" in (out / "ablation.md").read_text()
+
+
 def test_finished_or_differently_configured_runs_are_not_overwritten(run_dir, data):
     config = TrainConfig(
         data_dir=str(data),

@@ -21,13 +21,15 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory):
     """A real embedded Triton server on free loopback ports, serving a copy of the committed repository:
-    its two latest versions side by side (version 1, and version 2 with its own preprocessing)."""
+    two versions side by side, each with its own preprocessing: version 1 (a plain resize) and the latest
+    (crop to the head and intensity stretch). The versions between them are left out of the copy, so that the
+    two that the configuration serves (the latest two present) differ in preprocessing."""
     pytest.importorskip("pytriton")
     from helpers import copy_repository, free_ports
 
     from braintumor_serving.triton import ServerConfig, TritonServer
 
-    repository = copy_repository(tmp_path_factory.mktemp("repo") / "model_repository", extra_versions=0)
+    repository = copy_repository(tmp_path_factory.mktemp("repo") / "model_repository", keep=(1, -1))
     http, grpc, metrics = free_ports(3)
     config = ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics)
     with TritonServer(config) as running:

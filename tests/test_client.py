@@ -59,11 +59,12 @@ def _dicom_bytes(dataset) -> bytes:
     return buffer.getvalue()
 
 
-def test_connect_reads_the_served_model(classifier):
+def test_connect_reads_the_served_model(classifier, triton):
     assert classifier.model.image_size == IMAGE_SIZE
     assert classifier.model.max_batch_size == 32
     prediction = classifier.predict(random_slice(np.random.default_rng(0)))
-    assert prediction.label in LABELS and prediction.model_version == "2"
+    latest = max(read_preprocessing(triton.config.repository / MODEL_NAME, IMAGE_SIZE))
+    assert prediction.label in LABELS and prediction.model_version == str(latest)
     assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
     assert prediction.tumor_probability == pytest.approx(1 - prediction.probabilities["notumor"])
     assert prediction.latency_ms > 0

@@ -259,6 +259,11 @@ def test_the_front_bounds_bodies_and_heads_and_speaks_http_1_1(server, reference
     assert _status(_exchange(server, f"GET {INFER} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())) == 405
     generate = f"POST /v2/models/{MODEL_NAME}/generate HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
     assert _status(_exchange(server, generate.encode())) == 404
+    for header in ("Content-Length", "Inference-Header-Content-Length"):  # '²'.isdigit() is True; int() refuses
+        for value in ("\u00b2\u00b3\u00b9", "\u00b9", "1" * 19, "+5", " "):
+            raw = f"POST {INFER} HTTP/1.1\r\nHost: x\r\n{header}: {value}\r\nConnection: close\r\n\r\n"
+            answer = _exchange(server, raw.encode("latin-1"))  # the front reads heads as latin-1: '²' arrives
+            assert _status(answer) == 400 and b"bad " in answer, (header, value, answer[:200])
 
     body, headers = binary_request("UINT8", list(pixels.shape), pixels.tobytes())
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())

@@ -268,6 +268,8 @@ def test_restart_on_failure_serves_again_and_honours_its_limit(launch, capsys):
         (["--restart", "on-failure:five"], "the restart limit must be a whole number, 0 or more (got 'five')"),
         (["--restart", "on-failure", "--restart-limit", "-3"], "the restart limit must be a whole number"),
         (["--restart", "on-failure", "--restart-limit", "2.5"], "the restart limit must be a whole number"),
+        (["--restart", "on-failure:\u00b2"], "the restart limit must be a whole number, 0 or more (got '\u00b2')"),
+        (["--restart", "on-failure", "--restart-limit", "\u0663"], "the restart limit must be a whole number"),
         (["--restart", "always"], "--restart takes 'no', 'on-failure' or 'on-failure:N' (got 'always')"),
         (["--restart-limit", "3"], "a restart limit needs --restart on-failure"),
         (["--restart", "on-failure:2", "--restart-limit", "3"], "give the restart limit once"),

@@ -80,6 +80,10 @@ _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "expect"}
 )
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: A length header's value: ASCII digits only (``str.isdigit`` takes '²', which ``int`` refuses).
+_LENGTH = re.compile(r"[0-9]{1,18}")
+#: A model version in a request path: Triton reads it as a 64-bit integer.
+_VERSION = re.compile(r"[0-9]{1,18}")
 
 
 def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
@@ -591,7 +595,7 @@ class HttpFront:
             raise RequestError(400, "Content-Length and Transfer-Encoding together")
         if encoding is not None and encoding.lower() != "chunked":
             raise RequestError(501, f"Transfer-Encoding {encoding!r} is not supported")
-        if length_text is not None and not length_text.isdigit():
+        if length_text is not None and not _LENGTH.fullmatch(length_text):
             raise RequestError(400, f"bad Content-Length {length_text[:40]!r}")
         length = int(length_text) if length_text is not None else 0
         if length > limit:
@@ -642,7 +646,7 @@ class HttpFront:
             raise RequestError(405, "inference takes POST")
         spec = await self._spec(model, version)
         header_text = request.get("inference-header-content-length")
-        if header_text is not None and not header_text.isdigit():
+        if header_text is not None and not _LENGTH.fullmatch(header_text):
             raise RequestError(400, f"bad Inference-Header-Content-Length {header_text[:40]!r}")
         header_length = int(header_text) if header_text is not None else None
         limit = spec.body_limit(header_length is not None, self.limits.body_bytes)
@@ -742,7 +746,7 @@ class HttpFront:
             chunked = names.get("transfer-encoding", "").lower() == "chunked"
             length = names.get("content-length")
             bodiless = request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
-            if not bodiless and not chunked and (length is None or not length.isdigit()):
+            if not bodiless and not chunked and (length is None or not _LENGTH.fullmatch(length)):
                 keep = False  # the answer ends when Triton closes: so must this connection
             out = [(k, v) for k, v in response_headers if k.lower() not in ("connection", "keep-alive")]
             out.append(("Connection", "keep-alive" if keep else "close"))
@@ -751,7 +755,7 @@ class HttpFront:
                 pass
             elif chunked:
                 await self._relay_chunks(up_reader, writer)
-            elif length is not None and length.isdigit():
+            elif length is not None and _LENGTH.fullmatch(length):
                 await self._relay(up_reader, writer, int(length))
             else:
                 await self._relay(up_reader, writer, None)

@@ -17,6 +17,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -513,7 +514,7 @@ def restart_limit(value: str) -> int:
         ValueError: with a message that says what is accepted.
     """
     text = value.strip()
-    if not text.isdigit():
+    if not re.fullmatch(r"[0-9]{1,18}", text):  # ASCII digits: str.isdigit takes '²', which int() refuses
         raise ValueError(f"the restart limit must be a whole number, 0 or more (got {value!r})")
     return int(text)
 

@@ -18,6 +18,7 @@ import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 
@@ -306,6 +307,27 @@ def test_the_front_bounds_bodies_and_heads_and_speaks_http_1_1(server, reference
     for compression in (None, "gzip", "deflate"):
         got = json_client.infer(MODEL_NAME, [inp], request_compression_algorithm=compression).as_numpy(OUTPUT_NAME)
         assert np.abs(got - expected).max() <= 1e-5
+    assert_still_serving(server, reference)
+
+
+def test_versions_in_paths_are_numbers_and_the_fronts_cache_stays_small(server, reference):
+    """``/versions/01`` and ``/versions/0001`` are version 1 (one cache entry); a version that is not 1 to 18
+    ASCII digits is refused with 400; the cache of model configurations never holds more than 64."""
+    from braintumor_serving.front import SPEC_CACHE
+
+    pixels, _ = reference
+    body, headers = binary_request("UINT8", list(pixels[:1].shape), pixels[:1].tobytes())
+    for zeros in range(0, 40):
+        status, answer = post(
+            server.config.http_url, INFER.replace("/infer", f"/versions/{'0' * zeros}1/infer"), body, headers
+        )
+        assert status == (200 if zeros <= 17 else 400), (zeros, answer)
+    for version in ("x", "-1", "\u00b9", "1.0", "1" * 19):
+        path = urllib.parse.quote(INFER.replace("/infer", f"/versions/{version}/infer"))
+        status, answer = post(server.config.http_url, path, body, headers)
+        assert status == 400 and "version must be a number" in answer["error"], (version, answer)
+    specs = server._front._specs
+    assert len(specs) <= SPEC_CACHE and sum(model == MODEL_NAME and v == "1" for model, v in specs) == 1, specs
     assert_still_serving(server, reference)
 
 

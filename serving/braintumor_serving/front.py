@@ -75,6 +75,8 @@ _INTEGER_RANGES = {
     for name, size in DATATYPE_SIZES.items()
     if "INT" in name
 }
+#: Model configurations the front keeps (per model and version).
+SPEC_CACHE = 64
 #: Headers that belong to one connection and are not relayed (RFC 9110 §7.6.1).
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "expect"}
@@ -677,7 +679,15 @@ class HttpFront:
         return data
 
     async def _spec(self, model: str, version: str | None) -> ModelSpec:
-        """The model's configuration from Triton, read once per model and version (model control is off)."""
+        """The model's configuration from Triton, read once per model and version (model control is off).
+
+        The version must be 1 to 18 ASCII digits, and is kept as its number (``01`` and ``1`` are one entry);
+        at most :data:`SPEC_CACHE` configurations are kept (the oldest goes first).
+        """
+        if version is not None:
+            if not _VERSION.fullmatch(version):
+                raise RequestError(400, f"the model version must be a number of 1 to 18 digits, not {version[:40]!r}")
+            version = str(int(version))
         key = (model, version)
         if key not in self._specs:
             path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/config"
@@ -689,9 +699,12 @@ class HttpFront:
                     message = f"the model server answered {status}"
                 raise RequestError(status if 400 <= status < 500 else 502, message)
             try:
-                self._specs[key] = ModelSpec.from_config(json.loads(body))
+                spec = ModelSpec.from_config(json.loads(body))
             except (ValueError, KeyError, TypeError) as err:
                 raise RequestError(502, f"the model's configuration cannot be read: {err}") from None
+            while len(self._specs) >= SPEC_CACHE:
+                del self._specs[next(iter(self._specs))]
+            self._specs[key] = spec
         return self._specs[key]
 
     async def _get(self, path: str) -> tuple[int, bytes]:

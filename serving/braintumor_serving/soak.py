@@ -3,14 +3,22 @@
 :func:`measure_capacity` finds the request rate the server sustains with a mix of versions, batch sizes and
 explanation requests (closed loop, every worker sending back to back). :func:`run_soak` then sends the
 same mix open-loop at a fixed rate (``fraction`` of that capacity, evenly spaced) for ``seconds``, and
-records every request (its latency, whether it failed, whether its answer differed from in-process ONNX
-Runtime on the same tensors) and, every second, the resident memory and open file descriptors of
-``tritonserver`` and its python-backend stubs. :func:`summarize` turns that into the checks of issue 17:
+records every request (its latency from the time it was *scheduled*, so that a slow server cannot hide
+its queue by slowing the load; how late the load generator itself put it out; whether it failed; whether
+its answer differed from in-process ONNX Runtime on the same tensors) and, every second, the resident
+memory and open file descriptors of ``tritonserver`` and its python-backend stubs. :func:`summarize` turns
+that into the checks of issue 17:
 
 - memory: the median resident memory of the last comparison window exceeds that of the first window after
   warm-up by at most 5 %;
 - file descriptors: after warm-up they vary by at most a few (connections come and go), and do not climb;
-- latency: the p99 of the last window is at most 20 % above that of the first window after warm-up;
+- latency: each latency is divided by the median of its class (version, batch size, explain) after
+  warm-up, so that the draw of the mix does not decide; the p99 of that is taken per 10 s block, and the
+  median of the block p99s of the last window is compared with that of the first window (``p99_limit``:
+  1.2, the issue's "within 20 %", for the 10-minute soak; the 2-minute CI run uses a generous bound that
+  catches only large regressions). When the load generator itself falls behind (p99 of its lag above
+  ``lag_limit``, 100 ms), the machine starved the *client* and its latencies say nothing of the server:
+  the latency check is then not evaluated (``skipped``, with the reason), never passed silently;
 - zero errors, and every answer (probabilities, and the heatmap when asked for) within 1e-5 of in-process
   ONNX Runtime.
 
@@ -188,6 +196,11 @@ class Sample:
         rss_bytes: resident memory of ``tritonserver`` and its stubs together.
         fds: their open file descriptors together.
         processes: how many there are.
+        server_rss_bytes: the part of ``rss_bytes`` that is ``tritonserver``'s own.
+        shmem_rss_bytes: the part of ``rss_bytes`` in shared memory.
+        cpu_busy_ticks, cpu_total_ticks: the machine's busy and total CPU time so far (``/proc/stat``, clock
+            ticks, all CPUs).
+        cpu_ours_ticks: the CPU time so far of the server's processes and of this (the load's) process.
     """
 
     t: float
@@ -196,6 +209,28 @@ class Sample:
     processes: int
     server_rss_bytes: int = 0
     shmem_rss_bytes: int = 0
+    cpu_busy_ticks: int = 0
+    cpu_total_ticks: int = 0
+    cpu_ours_ticks: int = 0
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """The machine's busy and total CPU clock ticks since boot, all CPUs together (``/proc/stat``)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = values[3] + values[4]  # idle and iowait
+    return sum(values) - idle, sum(values)
+
+
+def _process_ticks(pid: int) -> int:
+    """User and system CPU clock ticks of process ``pid`` (all its threads), 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return int(fields[11]) + int(fields[12])
 
 
 def read_usage(prefix: str) -> Sample:
@@ -210,12 +245,15 @@ def read_usage(prefix: str) -> Sample:
         prefix: the server's shared-memory prefix (:attr:`TritonServer.shm_prefix`).
     """
     usage = Sample(t=0.0, rss_bytes=0, fds=0, processes=0)
+    usage.cpu_busy_ticks, usage.cpu_total_ticks = _machine_ticks()
+    usage.cpu_ours_ticks = _process_ticks(os.getpid())
     for process in server_processes(prefix):
         try:
             status = Path(f"/proc/{process.pid}/status").read_text()
             open_fds = len(os.listdir(f"/proc/{process.pid}/fd"))
         except OSError:
             continue
+        usage.cpu_ours_ticks += _process_ticks(process.pid)
         fields = {k: v.split() for k, _, v in (line.partition(":") for line in status.splitlines())}
         rss = int(fields.get("VmRSS", ["0"])[0]) * 1024
         usage.rss_bytes += rss
@@ -232,12 +270,15 @@ class Record:
     """One request as it went.
 
     Args:
-        t: when it was sent, in seconds since the soak began.
-        latency: seconds from sending to the answer.
-        lag: seconds it was sent after its scheduled time (the load generator falling behind).
+        t: when it was scheduled, in seconds since the soak began.
+        latency: seconds from its scheduled time to the answer (open loop: waiting for a free connection
+            counts).
+        lag: seconds the load generator put it out after its scheduled time (the generator falling behind,
+            for want of CPU: not the server's doing).
         version, batch, explain: what it asked.
         outcome: ``ok``, ``wrong`` or ``error: ...``.
         difference: its largest difference from the in-process answer.
+        service: seconds from the moment a connection sent it to the answer.
     """
 
     t: float
@@ -248,6 +289,7 @@ class Record:
     explain: bool
     outcome: str
     difference: float
+    service: float = float("nan")
 
 
 @dataclass
@@ -425,7 +467,7 @@ def run_soak(
         environment=_environment(),
         preparation=dict(preparation or {}),
     )
-    jobs: queue.Queue[tuple[Job, float] | None] = queue.Queue()
+    jobs: queue.Queue[tuple[Job, float, float] | None] = queue.Queue()
     lock = threading.Lock()
     start = time.monotonic()
     finished = threading.Event()
@@ -434,28 +476,29 @@ def run_soak(
         item = jobs.get()
         if item is None:
             return None
-        job, scheduled = item
-        sent = time.monotonic()
+        job, scheduled, lag = item
         with lock:
-            pending[job.index] = (scheduled, sent)
+            pending[job.index] = (scheduled, lag)
         return job
 
     pending: dict[int, tuple[float, float]] = {}
 
     def done(job: Job, result: tuple) -> None:
-        latency, outcome, difference = result
+        answered = time.monotonic()
+        service, outcome, difference = result
         with lock:
-            scheduled, sent = pending.pop(job.index)
+            scheduled, lag = pending.pop(job.index)
             run.records.append(
                 Record(
-                    t=sent - start,
-                    latency=latency,
-                    lag=sent - scheduled,
+                    t=scheduled - start,
+                    latency=answered - scheduled,
+                    lag=lag,
                     version=job.version,
                     batch=job.batch,
                     explain=job.explain,
                     outcome=outcome,
                     difference=difference,
+                    service=service,
                 )
             )
 
@@ -471,7 +514,8 @@ def run_soak(
     index = 0
     while (scheduled := start + index / rate) < start + seconds:
         time.sleep(max(0.0, scheduled - time.monotonic()))
-        jobs.put((draw(mix, index, len(reference.pixels)), scheduled))
+        job = draw(mix, index, len(reference.pixels))
+        jobs.put((job, scheduled, time.monotonic() - scheduled))
         index += 1
     for _ in threads:
         jobs.put(None)
@@ -487,26 +531,105 @@ def run_soak(
 # -- the checks and the report ---------------------------------------------------------------------------------
 
 
+#: Seconds per latency block: the p99 is taken per block, and the blocks of two windows are compared.
+BLOCK = 10.0
+#: The p99 of the load generator's lag above which latencies say more about the client than the server.
+LAG_LIMIT = 0.1
+#: The share of the machine's CPU time that other processes (neither the server nor the load) may take
+#: during the soak for its latencies to say something about the server.
+FOREIGN_CPU_LIMIT = 0.25
+
+
+def foreign_cpu_share(run: SoakRun) -> float:
+    """The share of the machine's CPU time (all CPUs) after warm-up that went to processes other than the
+    server's and the load's own (``nan`` without readings).
+
+    Args:
+        run: what :func:`run_soak` recorded.
+    """
+    steady = [s for s in run.samples if s.t >= run.warmup and s.cpu_total_ticks]
+    if len(steady) < 2 or steady[-1].cpu_total_ticks <= steady[0].cpu_total_ticks:
+        return float("nan")
+    first, last = steady[0], steady[-1]
+    busy = last.cpu_busy_ticks - first.cpu_busy_ticks
+    ours = last.cpu_ours_ticks - first.cpu_ours_ticks
+    return max(0.0, busy - ours) / (last.cpu_total_ticks - first.cpu_total_ticks)
+
+
 def _p99(latencies: list[float]) -> float:
     return float(np.percentile(latencies, 99)) if latencies else float("nan")
 
 
-def _p99_range(run: SoakRun) -> list[float]:
-    """The lowest and highest p99 (ms) of the 10 s windows after warm-up (how much p99 moves by itself)."""
-    values = [p["p99_ms"] for p in timeline(run) if p["t"] - 10 >= run.warmup and p["requests"]]
-    return [min(values), max(values)] if values else []
+def _class(record: Record) -> tuple[int, int, bool]:
+    return record.version, record.batch, record.explain
 
 
-def summarize(run: SoakRun, window: float | None = None) -> dict[str, Any]:
+def class_medians(run: SoakRun) -> dict[tuple[int, int, bool], float]:
+    """The median latency of each (version, batch size, explain) class, over the answered requests after
+    warm-up.
+
+    Args:
+        run: what :func:`run_soak` recorded.
+    """
+    groups: dict[tuple[int, int, bool], list[float]] = {}
+    for r in run.records:
+        if r.outcome == "ok" and r.t >= run.warmup:
+            groups.setdefault(_class(r), []).append(r.latency)
+    return {key: float(np.median(values)) for key, values in groups.items()}
+
+
+def blocks(run: SoakRun, step: float = BLOCK) -> list[dict[str, float]]:
+    """Per ``step`` seconds after warm-up: the p99 of the latencies normalised by their class's median, the
+    raw p99, and the p99 of the load generator's lag.
+
+    Args:
+        run: what :func:`run_soak` recorded.
+        step: seconds per block.
+    """
+    medians = class_medians(run)
+    out = []
+    k = 0
+    while (lo := run.warmup + k * step) + step <= run.seconds + 1e-9:
+        rs = [r for r in run.records if lo <= r.t < lo + step]
+        ok = [r for r in rs if r.outcome == "ok" and medians.get(_class(r), 0) > 0]
+        out.append(
+            {
+                "t": lo + step,
+                "requests": len(rs),
+                "p99_normalised": _p99([r.latency / medians[_class(r)] for r in ok]),
+                "p99_ms": 1000 * _p99([r.latency for r in ok]),
+                "lag_p99_ms": 1000 * _p99([r.lag for r in rs]),
+            }
+        )
+        k += 1
+    return out
+
+
+def summarize(
+    run: SoakRun,
+    window: float | None = None,
+    p99_limit: float = 1.2,
+    lag_limit: float = LAG_LIMIT,
+    foreign_limit: float = FOREIGN_CPU_LIMIT,
+) -> dict[str, Any]:
     """The soak's figures and checks.
 
     Args:
         run: what :func:`run_soak` recorded.
         window: seconds of the first and last comparison windows (default: a minute, or a third of the time
-            after warm-up when that is shorter).
+            after warm-up when that is shorter); the latency check compares whole :data:`BLOCK` s blocks,
+            as many as fit the window (at least one).
+        p99_limit: the largest ratio of the last window's p99 to the first's (the median of the block p99s
+            of latencies normalised by their class's median).
+        lag_limit: seconds; when the p99 of the load generator's lag after warm-up is above it, the latency
+            check is not evaluated (``skipped`` says why) and the other checks still are.
+        foreign_limit: when other processes took more than this share of the machine's CPU time after
+            warm-up (:func:`foreign_cpu_share`), the latency check is not evaluated either: its p99 would
+            measure the neighbours' bursts, not the server.
 
     Returns:
-        A JSON-ready summary with ``checks``: name to ``{"value", "limit", "passed"}``.
+        A JSON-ready summary with ``checks``: name to ``{"value", "limit", "passed"}`` (and ``"skipped"``,
+        a reason, for a check that could not be evaluated: it counts as neither passed nor failed).
     """
     after = run.seconds - run.warmup
     window = window or min(60.0, after / 3)
@@ -519,8 +642,14 @@ def summarize(run: SoakRun, window: float | None = None) -> dict[str, Any]:
     ok = [r for r in run.records if r.outcome == "ok"]
     errors = [r for r in run.records if r.outcome.startswith("error")]
     wrong = [r for r in run.records if r.outcome == "wrong"]
-    p99_first = _p99([r.latency for r in ok if within(r.t, first)])
-    p99_last = _p99([r.latency for r in ok if within(r.t, last)])
+    steady_records = [r for r in run.records if r.t >= run.warmup]
+    lag_p99 = _p99([r.lag for r in steady_records])
+    per_block = blocks(run)
+    n = max(1, min(len(per_block) // 2, round(window / BLOCK)))
+    block_first = [b["p99_normalised"] for b in per_block[:n]]
+    block_last = [b["p99_normalised"] for b in per_block[-n:]]
+    p99_first = float(np.median(block_first)) if block_first else float("nan")
+    p99_last = float(np.median(block_last)) if block_last else float("nan")
     rss_first = float(np.median([s.rss_bytes for s in run.samples if within(s.t, first)]))
     rss_last = float(np.median([s.rss_bytes for s in run.samples if within(s.t, last)]))
     steady = [s for s in run.samples if s.t >= run.warmup]
@@ -528,17 +657,33 @@ def summarize(run: SoakRun, window: float | None = None) -> dict[str, Any]:
     fds_first = [s.fds for s in steady if within(s.t, first)]
     fds_last = [s.fds for s in steady if within(s.t, last)]
     differences = [r.difference for r in run.records if not r.outcome.startswith("error")]
+    latency_check: dict[str, Any] = {"value": p99_last / p99_first, "limit": p99_limit}
+    foreign = foreign_cpu_share(run)
+    if foreign > foreign_limit:
+        latency_check["skipped"] = (
+            f"not evaluated: other processes took {100 * foreign:.0f} % of the machine's CPU time during the "
+            f"soak (limit {100 * foreign_limit:.0f} %), so p99 measures their bursts, not the server; run the "
+            "soak on a machine without other heavy work"
+        )
+    elif not lag_p99 <= lag_limit:
+        latency_check["skipped"] = (
+            f"not evaluated: the load generator fell behind (p99 of its lag {1000 * lag_p99:.0f} ms after "
+            f"warm-up, above {1000 * lag_limit:.0f} ms), so the client, not the server, was starved of CPU; "
+            "run the soak on a machine without other heavy work"
+        )
+    elif not np.isfinite(latency_check["value"]):
+        latency_check["skipped"] = "not evaluated: too few answered requests per block"
     checks = {
         "memory_growth": {"value": rss_last / rss_first - 1, "limit": 0.05},
         "fd_spread_after_warmup": {"value": max(fds) - min(fds), "limit": 8},
         "fd_climb_last_vs_first_window": {"value": max(fds_last) - max(fds_first), "limit": 2},
-        "p99_last_over_first": {"value": p99_last / p99_first, "limit": 1.2},
+        "p99_last_over_first": latency_check,
         "errors": {"value": len(errors), "limit": 0},
         "wrong_answers": {"value": len(wrong), "limit": 0},
         "max_difference": {"value": max(differences, default=0.0), "limit": TOLERANCE},
     }
     for check in checks.values():
-        check["passed"] = bool(check["value"] <= check["limit"])
+        check["passed"] = "skipped" not in check and bool(check["value"] <= check["limit"])
     by_batch = {
         str(b): {
             "requests": len(rs := [r for r in ok if r.batch == b and r.t >= run.warmup]),
@@ -547,10 +692,12 @@ def summarize(run: SoakRun, window: float | None = None) -> dict[str, Any]:
         }
         for b in sorted({r.batch for r in run.records})
     }
+    raw = [b["p99_ms"] for b in per_block if b["requests"]]
     return {
         "seconds": run.seconds,
         "warmup_s": run.warmup,
         "window_s": window,
+        "blocks_compared": n,
         "capacity_requests_per_s": run.capacity,
         "rate_requests_per_s": run.rate,
         "load_fraction": run.rate / run.capacity,
@@ -564,10 +711,17 @@ def summarize(run: SoakRun, window: float | None = None) -> dict[str, Any]:
         "errors": len(errors),
         "first_errors": sorted({r.outcome for r in errors})[:5],
         "wrong": len(wrong),
-        "p99_ms_first_window": 1000 * p99_first,
-        "p99_ms_last_window": 1000 * p99_last,
+        "p99_normalised_first_window": p99_first,
+        "p99_normalised_last_window": p99_last,
+        "p99_ms_first_window": 1000 * _p99([r.latency for r in ok if within(r.t, first)]),
+        "p99_ms_last_window": 1000 * _p99([r.latency for r in ok if within(r.t, last)]),
         "p50_ms_after_warmup": 1000 * float(np.percentile([r.latency for r in ok if r.t >= run.warmup] or [0], 50)),
-        "p99_ms_10s_range_after_warmup": _p99_range(run),
+        "p99_ms_10s_range_after_warmup": [min(raw), max(raw)] if raw else [],
+        "latency_checked": "skipped" not in latency_check,
+        "generator_lag_p99_ms": 1000 * lag_p99,
+        "foreign_cpu_share": foreign,
+        "foreign_cpu_limit": foreign_limit,
+        "generator_lag_limit_ms": 1000 * lag_limit,
         "max_send_lag_ms": 1000 * max((r.lag for r in run.records), default=0.0),
         "rss_mib_first_window": rss_first / 2**20,
         "rss_mib_last_window": rss_last / 2**20,
@@ -578,12 +732,13 @@ def summarize(run: SoakRun, window: float | None = None) -> dict[str, Any]:
         "preparation": run.preparation,
         "environment": run.environment,
         "checks": checks,
-        "passed": all(c["passed"] for c in checks.values()),
+        "passed": all(c["passed"] for c in checks.values() if "skipped" not in c),
     }
 
 
-def timeline(run: SoakRun, step: float = 10.0) -> list[dict[str, float]]:
-    """Per ``step`` seconds: requests, p99 latency, and the mean memory and descriptors.
+def timeline(run: SoakRun, step: float = BLOCK) -> list[dict[str, float]]:
+    """Per ``step`` seconds: requests, p99 latency (from the scheduled time), the p99 of the load
+    generator's lag, and the mean memory and descriptors.
 
     Args:
         run: what :func:`run_soak` recorded.
@@ -592,13 +747,15 @@ def timeline(run: SoakRun, step: float = 10.0) -> list[dict[str, float]]:
     points = []
     for k in range(int(np.ceil(run.seconds / step))):
         lo, hi = k * step, (k + 1) * step
-        rs = [r.latency for r in run.records if lo <= r.t < hi and r.outcome == "ok"]
+        rs = [r for r in run.records if lo <= r.t < hi]
+        ok = [r.latency for r in rs if r.outcome == "ok"]
         ss = [s for s in run.samples if lo <= s.t < hi]
         points.append(
             {
                 "t": hi,
-                "requests": len(rs),
-                "p99_ms": 1000 * _p99(rs),
+                "requests": len(ok),
+                "p99_ms": 1000 * _p99(ok),
+                "lag_p99_ms": 1000 * _p99([r.lag for r in rs]),
                 "rss_mib": float(np.mean([s.rss_bytes for s in ss])) / 2**20 if ss else float("nan"),
                 "fds": float(np.mean([s.fds for s in ss])) if ss else float("nan"),
             }
@@ -628,7 +785,14 @@ def plot(run: SoakRun, summary: dict[str, Any], path: Path) -> None:
     fds.set_ylabel("open file descriptors", color="C2")
     memory.set_title("tritonserver and its python-backend stubs")
     latency.plot([p["t"] for p in points], [p["p99_ms"] for p in points], "o-", color="C3", label="p99 per 10 s")
-    latency.set_ylabel("latency (ms)")
+    latency.plot(
+        [p["t"] for p in points], [p["lag_p99_ms"] for p in points], "s--", color="C7", ms=3, label="generator lag p99"
+    )
+    latency.set_ylabel("latency from scheduled send (ms)")
+    normalised = latency.twinx()
+    per_block = blocks(run)
+    normalised.plot([b["t"] for b in per_block], [b["p99_normalised"] for b in per_block], "^:", color="C4", ms=4, lw=1)
+    normalised.set_ylabel("p99 / class median", color="C4")
     latency.set_xlabel("seconds")
     latency.legend(fontsize=8)
     for axis in (memory, latency):
@@ -695,10 +859,22 @@ def render_markdown(summary: dict[str, Any], command: str) -> str:
     for name, check in summary["checks"].items():
         value = check["value"]
         shown = f"{value:.3g}" if isinstance(value, float) else str(value)
-        lines.append(f"| {name} | {shown} | {check['limit']} | {'yes' if check['passed'] else '**no**'} |")
+        passed = "not evaluated" if "skipped" in check else "yes" if check["passed"] else "**no**"
+        lines.append(f"| {name} | {shown} | {check['limit']} | {passed} |")
+    skipped = summary["checks"]["p99_last_over_first"].get("skipped")
     lines += [
         "",
-        f"p99: {summary['p99_ms_first_window']:.0f} ms in the first window, {summary['p99_ms_last_window']:.0f} ms "
+        f"Latency is measured from each request's scheduled send time (open loop). p99_last_over_first: the "
+        f"median of the p99s of the last {summary['blocks_compared']} blocks of 10 s over that of the first, each "
+        f"latency divided by the median of its (version, batch, explain) class: "
+        f"{summary['p99_normalised_first_window']:.2f} then {summary['p99_normalised_last_window']:.2f}. "
+        f"The load generator's own lag: p99 {summary['generator_lag_p99_ms']:.0f} ms after warm-up (limit "
+        f"{summary['generator_lag_limit_ms']:.0f} ms for the latency check to count); other processes took "
+        f"{100 * summary.get('foreign_cpu_share', float('nan')):.0f} % of the machine's CPU time (limit "
+        f"{100 * summary.get('foreign_cpu_limit', float('nan')):.0f} %)"
+        + (f"; **the latency check was {skipped}**." if skipped else "."),
+        "",
+        f"Raw p99: {summary['p99_ms_first_window']:.0f} ms in the first window, {summary['p99_ms_last_window']:.0f} ms "
         f"in the last{p99_range}; p50 after warm-up {summary['p50_ms_after_warmup']:.0f} ms. Resident memory of "
         f"`tritonserver` and its stubs: {summary['rss_mib_first_window']:.0f} MiB, then "
         f"{summary['rss_mib_last_window']:.0f} MiB (max {summary['rss_mib_max_after_warmup']:.0f}); descriptors "

@@ -321,6 +321,26 @@ def _stand_in(name: str, *args: str, orphan: bool = False) -> int:
     return int(out.stdout)
 
 
+def _server_with_fork(prefix: str) -> tuple[int, int]:
+    """A stand-in ``tritonserver`` of this test (the owner in ``prefix``) and its child, a stub just forked
+    and not yet executed: named ``tritonserver`` too, with the same prefix. Returns both pids."""
+    args = [f"--backend-config=python,shm-region-prefix-name={prefix}"]
+    code = (
+        "import subprocess, sys, time; c = subprocess.Popen(sys.argv[2:], executable=sys.argv[1], "
+        "stdout=subprocess.DEVNULL); print(c.pid, flush=True); time.sleep(60)"
+    )  # named tritonserver, it cannot find its own executable: it is given
+    child = [sys.executable, SERVER_NAME, "-c", "import time; time.sleep(60)", *args]
+    server = subprocess.Popen(
+        [SERVER_NAME, "-c", code, *child],
+        executable=sys.executable,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    fork = int(server.stdout.readline())
+    return server.pid, fork
+
+
 def _alive(pid: int) -> bool:
     process = lifecycle.read_process(pid)
     return process is not None and process.alive
@@ -351,7 +371,7 @@ def test_stale_cleanup_removes_only_this_projects_orphans(tmp_path):
         # prefix, and a "server" of ours whose owner (this test) is alive and is its parent.
         pids["foreign stub"] = _stand_in(STUB_NAME, "triton_python_backend_shm_region_x", orphan=True)
         pids["mentions the prefix"] = _stand_in("tail", f"/dev/shm/{mention_prefix}x", orphan=True)
-        pids["live server"] = _stand_in(SERVER_NAME, f"shm-region-prefix-name={live_prefix}")
+        pids["live server"], pids["live server's fresh fork"] = _server_with_fork(live_prefix)
         time.sleep(0.5)  # the orphans' parents have exited and been reaped
         assert lifecycle.read_process(pids["orphan stub"]).ppid != os.getpid()
         removed = clean_stale()
@@ -361,7 +381,7 @@ def test_stale_cleanup_removes_only_this_projects_orphans(tmp_path):
         while (_alive(pids["orphan stub"]) or _alive(pids["orphan server"])) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _alive(pids["orphan stub"]) and not _alive(pids["orphan server"])
-        for what in ("foreign stub", "mentions the prefix", "live server"):
+        for what in ("foreign stub", "mentions the prefix", "live server", "live server's fresh fork"):
             assert _alive(pids[what]), f"{what} was touched"
             assert pids[what] not in removed.killed
         assert not stale_file.exists()

@@ -17,9 +17,9 @@ used to leave ``tritonserver`` itself running on its ports. Four layers keep not
    closes, whatever killed it) or the end of ``tritonserver`` (a pidfd), then kills what is left of that
    server (its stubs) and removes its regions (:func:`cleanup`).
 4. At start, :func:`clean_stale` removes what an earlier server of this project left when all of the above
-   was itself killed: processes carrying the project prefix whose owner is gone (a ``tritonserver`` whose
-   parent is no longer the launcher named in its prefix, a stub whose parent is no longer its server) and
-   regions with the project prefix that no live process carries or maps.
+   was itself killed: this user's processes carrying the project prefix whose owner is gone (a
+   ``tritonserver`` whose parent is no longer the launcher named in its prefix, a stub whose parent is no
+   longer its live server) and regions with the project prefix that no live process carries or maps.
 
 This module imports only the standard library: the watchdog starts in a fraction of a second.
 """
@@ -53,6 +53,8 @@ STUB_NAME = "triton_python_backend_stub"
 SHM_DIR = Path("/dev/shm")
 #: The start of the name of a launcher's temporary folder (backend copies, log).
 WORKDIR_PREFIX = "braintumor-triton-"
+#: The watchdog's module: a process running it carries a server's prefix but is never that server's.
+WATCHDOG_MODULE = "braintumor_serving.lifecycle"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -90,6 +92,7 @@ class Process:
         state: the one-letter state (``Z`` for a zombie: it has ended and holds nothing but its entry).
         start_ticks: when it started, in clock ticks after boot (tells a reused pid from the original).
         args: its command line.
+        uid: the user it runs as (-1 when unknown).
     """
 
     pid: int
@@ -97,6 +100,7 @@ class Process:
     state: str
     start_ticks: int
     args: tuple[str, ...]
+    uid: int = -1
 
     @property
     def name(self) -> str:
@@ -107,6 +111,16 @@ class Process:
     def alive(self) -> bool:
         """Whether it still runs (not a zombie)."""
         return self.state not in ("Z", "X")
+
+    @property
+    def is_mine(self) -> bool:
+        """Whether it runs as this process's user (nothing here touches another user's processes)."""
+        return self.uid == os.geteuid()
+
+    @property
+    def is_watchdog(self) -> bool:
+        """Whether it is a :class:`Watchdog` (``python -m braintumor_serving.lifecycle``)."""
+        return WATCHDOG_MODULE in self.args
 
     @property
     def is_triton(self) -> bool:
@@ -134,13 +148,14 @@ def read_process(pid: int) -> Process | None:
         pid: a process id.
     """
     try:
+        uid = os.stat(f"/proc/{pid}").st_uid
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return None
     fields = stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces and ')'
     args = tuple(a.decode(errors="replace") for a in cmdline.split(b"\0") if a)
-    return Process(pid=pid, ppid=int(fields[1]), state=fields[0], start_ticks=int(fields[19]), args=args)
+    return Process(pid=pid, ppid=int(fields[1]), state=fields[0], start_ticks=int(fields[19]), args=args, uid=uid)
 
 
 def processes() -> list[Process]:
@@ -322,15 +337,16 @@ def stale_processes(among: list[Process]) -> list[Process]:
 
     A ``tritonserver`` is stale when its parent is no longer the process named in its prefix (that process
     ended; the kernel gave its children to pid 1 or a subreaper). A stub is stale when its parent is not a
-    live, non-stale ``tritonserver`` carrying the same prefix (its server ended under it). Other programs'
-    processes never match: they are neither named so nor carry this project's prefix.
+    live, non-stale ``tritonserver`` carrying the same prefix (its server ended under it). A process whose
+    parent is such a live server is never stale: a stub just forked, not yet executed, still shows
+    ``tritonserver``'s name and command line. Other users' processes, and other programs', never match:
+    only this user's processes named so and carrying this project's prefix are looked at.
 
     Args:
         among: every process (from :func:`processes`).
     """
     by_pid = {p.pid: p for p in among}
-    ours = [p for p in among if p.alive and p.is_triton and p.prefixes()]
-    stale: list[Process] = []
+    ours = [p for p in among if p.alive and p.is_mine and p.is_triton and p.prefixes()]
     servers_ok: set[int] = set()
     for p in ours:
         if p.name != SERVER_NAME:
@@ -338,14 +354,13 @@ def stale_processes(among: list[Process]) -> list[Process]:
         owners = {int(PREFIX_PATTERN.match(x).group(1)) for x in p.prefixes()}  # type: ignore[union-attr]
         if p.ppid in owners:
             servers_ok.add(p.pid)
-        else:
-            stale.append(p)
+    stale: list[Process] = []
     for p in ours:
-        if p.name == SERVER_NAME:
+        if p.pid in servers_ok:
             continue
         parent = by_pid.get(p.ppid)
         if parent is None or parent.pid not in servers_ok or not (p.prefixes() & parent.prefixes()):
-            stale.append(p)
+            stale.append(p)  # a server whose launcher is gone, or a stub (or fork) whose server is gone
     return stale
 
 

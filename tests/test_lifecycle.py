@@ -396,6 +396,31 @@ def test_stale_cleanup_removes_only_this_projects_orphans(tmp_path):
             path.unlink(missing_ok=True)
 
 
+def test_cleanup_takes_a_stub_still_in_its_bash_stage_but_never_the_watchdog():
+    """A stub on its way to ``exec`` is a ``bash -c "exec <stub> ..."`` carrying the server's prefix: it is
+    the server's and is killed; the watchdog carries the prefix too and is left to end by itself."""
+    prefix = new_prefix()
+    stub = f"/x/{STUB_NAME} {prefix}region"
+    pids = {
+        "bash stage": _stand_in("bash", "-c", f"exec {stub}"),
+        "watchdog": _stand_in("python3", "-m", lifecycle.WATCHDOG_MODULE, "--prefix", prefix),
+        "other server's": _stand_in("bash", "-c", f"exec /x/{STUB_NAME} {new_prefix()}region"),
+    }
+    try:
+        assert {p.pid for p in lifecycle.server_processes(prefix)} == {pids["bash stage"]}
+        removed = lifecycle.cleanup(prefix)
+        assert removed.killed == [pids["bash stage"]]
+        deadline = time.monotonic() + 5
+        while _alive(pids["bash stage"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pids["bash stage"])
+        assert _alive(pids["watchdog"]) and _alive(pids["other server's"])
+    finally:
+        for pid in pids.values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_prefixes_are_unique_and_carry_their_owner():
     a, b = new_prefix(), new_prefix()
     assert a != b

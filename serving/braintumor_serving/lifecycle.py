@@ -9,7 +9,10 @@ used to leave ``tritonserver`` itself running on its ports. Four layers keep not
    passed to the python backend (``--backend-config=python,shm-region-prefix-name=...``). It appears in
    ``tritonserver``'s command line, in every stub's (its region's name) and in every region's file name,
    so what belongs to one server is found without guessing, and never another program's processes:
-   only processes named ``tritonserver`` or ``triton_python_backend_stub`` whose arguments carry it.
+   processes of this user whose arguments carry that server's prefix (a stub on its way to ``exec``, still
+   a ``bash -c "exec ..."``, carries it too), except this project's own watchdog. Stale cleanup, which
+   has no one server's prefix to go by, takes only processes named ``tritonserver`` or
+   ``triton_python_backend_stub`` carrying the project prefix.
 2. ``tritonserver`` gets the parent-death signal SIGKILL (:func:`parent_death_signal`): the kernel ends
    it as soon as the process that started it ends, however that ends.
 3. A small watchdog process (:class:`Watchdog`, ``python -m braintumor_serving.lifecycle``), in its own
@@ -168,13 +171,24 @@ def processes() -> list[Process]:
 
 
 def server_processes(prefix: str, among: Iterable[Process] | None = None) -> list[Process]:
-    """The live ``tritonserver`` and stub processes of the server with ``prefix``.
+    """The live processes of the server with ``prefix``: this user's processes whose arguments carry it
+    (``tritonserver``, its stubs, and a stub still in its ``bash -c "exec <stub> ..."`` stage), except the
+    watchdog and this process. For the project prefix (every server), only processes named
+    ``tritonserver`` or ``triton_python_backend_stub``.
 
     Args:
         prefix: the server's prefix (a project prefix matches every server of the project).
         among: the processes to look at (default: all of them, now).
     """
-    return [p for p in (processes() if among is None else among) if p.alive and p.is_triton and p.carries(prefix)]
+    one_server = PREFIX_PATTERN.fullmatch(prefix) is not None
+    return [
+        p
+        for p in (processes() if among is None else among)
+        if p.alive
+        and p.is_mine
+        and p.carries(prefix)
+        and (p.is_triton or (one_server and not p.is_watchdog and p.pid != os.getpid()))
+    ]
 
 
 def kill_process(process: Process) -> bool:

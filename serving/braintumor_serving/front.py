@@ -397,6 +397,7 @@ class FrontLimits:
         idle_timeout: seconds a connection may take to send a request head (and stay idle between requests).
         body_timeout: seconds a request body may take to arrive.
         upstream_timeout: seconds Triton may take to answer.
+        send_timeout: seconds a write may wait for the peer (a client or Triton) to take the bytes.
         body_bytes: the largest inference request body (smaller for models whose inputs are all fixed-size).
         other_body_bytes: the largest body of any other request.
         buffered_bytes: request bodies held at once, all connections together; beyond it, 503.
@@ -408,6 +409,7 @@ class FrontLimits:
     idle_timeout: float = 60.0
     body_timeout: float = 120.0
     upstream_timeout: float = 300.0
+    send_timeout: float = 60.0
     body_bytes: int = 256 * 1024 * 1024
     other_body_bytes: int = 1024 * 1024
     buffered_bytes: int = 512 * 1024 * 1024
@@ -503,12 +505,23 @@ class HttpFront:
 
     # -- connections -------------------------------------------------------------------------------------
 
+    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+        """Wait until ``writer`` has sent its buffer, at most :attr:`FrontLimits.send_timeout` seconds (raises
+        ``TimeoutError``: a peer that reads nothing must not hold a connection and its buffers forever)."""
+        await asyncio.wait_for(writer.drain(), self.limits.send_timeout)
+
+    def _release(self, request: _Request) -> None:
+        """Give back the request body's share of :attr:`FrontLimits.buffered_bytes` and drop the body."""
+        self._buffered -= request.reserved
+        request.reserved = 0
+        request.body = b""
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections += 1
         try:
             if self._connections > self.limits.connections:
                 writer.write(_response(503, "too many connections; retry later", close=True))
-                await writer.drain()
+                await self._drain(writer)
                 return
             while await self._serve_one(reader, writer):
                 pass
@@ -545,12 +558,12 @@ class HttpFront:
         except RequestError as err:
             if request.body_read and request.keep_alive:
                 writer.write(_response(err.status, err.message, close=False))
-                await writer.drain()
+                await self._drain(writer)
                 return True
             await self._refuse_and_close(reader, writer, err)
             return False
         finally:
-            self._buffered -= request.reserved
+            self._release(request)
 
     async def _refuse_and_close(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, err: RequestError
@@ -558,7 +571,7 @@ class HttpFront:
         """Answer with the error, then read and drop what the client still sends for a moment before closing:
         closing with unread bytes would reset the connection and could destroy the answer in flight."""
         writer.write(_response(err.status, err.message, close=True))
-        await writer.drain()
+        await self._drain(writer)
         if writer.can_write_eof():
             writer.write_eof()
         with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
@@ -605,7 +618,7 @@ class HttpFront:
         self._reserve(request, length)
         if (request.get("expect") or "").lower() == "100-continue" and (length or encoding):
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            await writer.drain()
+            await self._drain(writer)
         if encoding is None:
             request.body = await asyncio.wait_for(reader.readexactly(length), self.limits.body_timeout)
         else:
@@ -714,13 +727,13 @@ class HttpFront:
             raise RequestError(502, "the model server is not reachable") from None
         try:
             writer.write(f"GET {path} HTTP/1.1\r\nHost: triton\r\nConnection: close\r\n\r\n".encode("latin-1"))
-            await writer.drain()
+            await self._drain(writer)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.limits.upstream_timeout)
             first, headers = _parse_head(head[:-4])
             length = int(dict((k.lower(), v) for k, v in headers).get("content-length", "0"))
             body = await reader.readexactly(min(length, self.limits.other_body_bytes))
             return int(first.split(" ")[1]), body
-        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (OSError, ValueError, IndexError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             raise RequestError(502, "the model server gave no readable answer") from None
         finally:
             writer.close()
@@ -746,8 +759,10 @@ class HttpFront:
             headers.append(("Connection", "close"))
             head = f"{request.method} {request.target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
             try:
-                up_writer.write(head.encode("latin-1") + b"\r\n" + request.body)
-                await up_writer.drain()
+                up_writer.write(head.encode("latin-1") + b"\r\n")
+                up_writer.write(request.body)  # a separate write: no copy of a body of up to hundreds of MB
+                await self._drain(up_writer)
+                self._release(request)  # sent: the body no longer counts against the limit
                 response_head = await asyncio.wait_for(up_reader.readuntil(b"\r\n\r\n"), self.limits.upstream_timeout)
                 first, response_headers = _parse_head(response_head[:-4])
                 status = int(first.split(" ")[1])
@@ -772,7 +787,7 @@ class HttpFront:
                 await self._relay(up_reader, writer, int(length))
             else:
                 await self._relay(up_reader, writer, None)
-            await writer.drain()
+            await self._drain(writer)
             return keep
         finally:
             up_writer.close()
@@ -788,7 +803,7 @@ class HttpFront:
                     raise ConnectionError("the model server closed in the middle of an answer")
                 return
             writer.write(data)
-            await writer.drain()
+            await self._drain(writer)
             if remaining is not None:
                 remaining -= len(data)
 

@@ -178,7 +178,7 @@ def test_shapes_beyond_memory_are_refused_on_every_input_path(server, reference,
 
 def test_triton_itself_refuses_inference_that_did_not_pass_the_front(server, reference):
     """Triton's own HTTP port is on loopback and answers inference only with the front's key."""
-    status, answer = post(server.config.local_http_url, INFER, json.dumps(ISSUE_17).encode())
+    status, answer = post(server.local_http_url, INFER, json.dumps(ISSUE_17).encode())
     assert status == 403 and FRONT_KEY_HEADER in answer["error"]
     forged = {FRONT_KEY_HEADER: "guess"}  # the front replaces whatever a caller sends
     status, answer = post(server.config.http_url, INFER, json.dumps(ISSUE_17).encode(), forged)

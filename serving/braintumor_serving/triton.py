@@ -240,13 +240,19 @@ class ServerConfig:
         model_config_name: the ``configs/<name>.pbtxt`` to use (``cpu`` for this server's backend).
         log_file: where the server's own log goes (default: a file in its temporary folder).
         internal_http_port: the loopback port of Triton's own HTTP server, behind the front (:mod:`.front`)
-            that serves ``host:http_port``; 0 picks a free one.
+            that serves ``host:http_port``; 0 picks a free one at every start (the port in use is
+            :attr:`TritonServer.internal_http_port`; the configuration is never changed).
         tls_cert, tls_key: PEM files: serve gRPC (natively) and HTTP (the front) over TLS.
         tls_client_ca: PEM file of the CA that signs client certificates: mutual TLS (needs the above).
         admin_key: the key that unlocks the administrative APIs (:data:`RESTRICTED_APIS`); by default a
-            random key that only this process knows, so they are closed to everyone else.
-        inference_key: the key that Triton's HTTP inference API requires; random, known only to the front,
+            random key made at start, so they are closed to network clients.
+        inference_key: the key that Triton's HTTP inference API requires; random, given only to the front,
             which adds it to the inference requests it has checked.
+
+    Both keys reach ``tritonserver`` as command-line arguments (it takes them no other way), so any local
+    user of the host can read them (``ps``, ``/proc/<pid>/cmdline``) and, with them, reach the
+    administrative APIs and Triton's unchecked HTTP inference port on loopback. Local users of the host are
+    trusted; in Kubernetes the container isolates the process from other users.
         extra_args: further ``tritonserver`` arguments.
     """
 
@@ -276,11 +282,6 @@ class ServerConfig:
         return f"{self.host}:{self.http_port}"
 
     @property
-    def local_http_url(self) -> str:
-        """``host:port`` of Triton's own, plain HTTP endpoint, on loopback behind the front."""
-        return f"127.0.0.1:{self.internal_http_port}"
-
-    @property
     def metrics_url(self) -> str:
         """URL of the Prometheus metrics endpoint."""
         return f"http://{self.host}:{self.metrics_port}/metrics"
@@ -301,12 +302,20 @@ class TritonServer:
         self._front: HttpFront | None = None
         self._watchdog: Watchdog | None = None
         self.log_file: Path | None = None
+        #: The loopback port of Triton's own HTTP server, behind the front (chosen at start when the
+        #: configuration says 0).
+        self.internal_http_port = config.internal_http_port
         #: This server's shared-memory region prefix (new at every start; see :mod:`.lifecycle`).
         self.shm_prefix = ""
         #: What the start removed that earlier servers of this project had left behind.
         self.stale = Cleanup()
         #: What :meth:`stop` had to kill or remove after ``tritonserver`` ended (stubs, regions).
         self.leftovers = Cleanup()
+
+    @property
+    def local_http_url(self) -> str:
+        """``host:port`` of Triton's own, plain HTTP endpoint, on loopback behind the front."""
+        return f"127.0.0.1:{self.internal_http_port}"
 
     def command(self, backend_directory: Path) -> list[str]:
         """The ``tritonserver`` command line."""
@@ -315,7 +324,7 @@ class TritonServer:
             f"--model-repository={c.repository.resolve()}",
             f"--backend-directory={backend_directory}",
             "--http-address=127.0.0.1",
-            f"--http-port={c.internal_http_port}",
+            f"--http-port={self.internal_http_port}",
             f"--grpc-address={c.host}",
             f"--grpc-port={c.grpc_port}",
             f"--metrics-address={c.host}",
@@ -361,14 +370,19 @@ class TritonServer:
         self.stale = clean_stale()  # before the port checks: a stale server may hold the ports
         for what, port in (("HTTP", c.http_port), ("gRPC", c.grpc_port), ("metrics", c.metrics_port)):
             check_port_free(c.host, port, what)
-        if not c.internal_http_port:
-            (c.internal_http_port,) = free_ports(1)
+        try:  # whatever fails from here on, nothing started is left running (front, tritonserver, watchdog)
+            self._start(bundle, bin_dir)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, bundle: TritonBundle, bin_dir: Path) -> None:
+        c = self.config
+        self.internal_http_port = c.internal_http_port or free_ports(1)[0]
         scheme = "HTTPS" if c.tls_cert is not None else "HTTP"
         try:
             context = None if c.tls_cert is None else server_context(c.tls_cert, c.tls_key, c.tls_client_ca)
-            self._front = HttpFront(
-                (c.host, c.http_port), ("127.0.0.1", c.internal_http_port), c.inference_key, context
-            ).start()
         except (OSError, ssl.SSLError) as err:
             raise ServeError(f"cannot serve {scheme} on {c.host}:{c.http_port}: {err}") from err
         self._workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
@@ -378,6 +392,8 @@ class TritonServer:
         env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(bundle.libraries), env.get("LD_LIBRARY_PATH")]))
         self.shm_prefix = new_prefix()
+        # tritonserver first, then the front's threads: its preexec_fn runs between fork and exec, which is
+        # only safe while this process has no other threads of its own
         with open(self.log_file, "wb") as log:
             self.process = subprocess.Popen(
                 self.command(backends),
@@ -388,12 +404,17 @@ class TritonServer:
                 preexec_fn=parent_death_signal(),
             )
         self._watchdog = Watchdog(self.shm_prefix, self.process.pid, self._workdir if c.log_file is None else None)
-        return self
+        try:
+            self._front = HttpFront(
+                (c.host, c.http_port), ("127.0.0.1", self.internal_http_port), c.inference_key, context
+            ).start()
+        except OSError as err:
+            raise ServeError(f"cannot serve {scheme} on {c.host}:{c.http_port}: {err}") from err
 
     def is_ready(self) -> bool:
         """Whether ``/v2/health/ready`` answers 200 (every model loaded and warmed up)."""
         try:
-            with urllib.request.urlopen(f"http://{self.config.local_http_url}/v2/health/ready", timeout=1) as response:
+            with urllib.request.urlopen(f"http://{self.local_http_url}/v2/health/ready", timeout=1) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -576,7 +597,6 @@ def serve(config: ServerConfig, ready_timeout: float = 180.0, restart: RestartPo
     """
     policy = restart or RestartPolicy()
     stopping: list[int] = []
-    internal_port = config.internal_http_port  # 0: a free port at every start
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         stopping.append(signum)
@@ -593,12 +613,11 @@ def serve(config: ServerConfig, ready_timeout: float = 180.0, restart: RestartPo
         return 0
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    server = TritonServer(config)
+    server: TritonServer | None = None
     restarts, served = 0, False
     try:
         while True:
-            config.internal_http_port = internal_port
-            server = TritonServer(config)
+            server = TritonServer(config)  # a fresh one, with a free internal port, at every start
             up_since = time.monotonic()
             try:
                 server.start()
@@ -627,7 +646,7 @@ def serve(config: ServerConfig, ready_timeout: float = 180.0, restart: RestartPo
                 if restarts:
                     print(f"braintumor serve: tritonserver is serving again (restart {restarts})", flush=True)
                 else:
-                    _print_ready(config)
+                    _print_ready(server)
                 served, up_since = True, time.monotonic()
                 while not stopping and server.process is not None and server.process.poll() is None:
                     time.sleep(0.2)
@@ -672,8 +691,8 @@ def serve(config: ServerConfig, ready_timeout: float = 180.0, restart: RestartPo
             if stopping:
                 return 0
     finally:
-        server.stop()  # whatever happened here (a closed stdout, an error), never leave Triton running
-        config.internal_http_port = internal_port
+        if server is not None:
+            server.stop()  # whatever happened here (a closed stdout, an error), never leave Triton running
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -692,8 +711,9 @@ def ready_models(http_url: str, admin_key: str) -> dict[str, list[int]]:
     return {name: sorted(v) for name, v in sorted(ready.items())}
 
 
-def _print_ready(config: ServerConfig) -> None:
-    models = ready_models(config.local_http_url, config.admin_key)
+def _print_ready(server: TritonServer) -> None:
+    config = server.config
+    models = ready_models(server.local_http_url, config.admin_key)
     served = ", ".join(f"{name} (versions {', '.join(map(str, v))})" for name, v in models.items())
     name = next(iter(models), "braintumor")
     print(

@@ -177,14 +177,19 @@ def test_shapes_beyond_memory_are_refused_on_every_input_path(server, reference,
 
 
 def test_triton_itself_refuses_inference_that_did_not_pass_the_front(server, reference):
-    """Triton's own HTTP port is on loopback and answers inference only with the front's key."""
+    """Triton's own HTTP port is on loopback and answers inference only with the front's key; a key that a
+    caller sends is replaced by the front's (a valid request with a forged key is served), and the same
+    forged key sent straight to Triton's port is refused."""
+    pixels, _ = reference
+    valid, headers = binary_request("UINT8", list(pixels.shape), pixels.tobytes())
     status, answer = post(server.local_http_url, INFER, json.dumps(ISSUE_17).encode())
     assert status == 403 and FRONT_KEY_HEADER in answer["error"]
-    forged = {FRONT_KEY_HEADER: "guess"}  # the front replaces whatever a caller sends
-    status, answer = post(server.config.http_url, INFER, json.dumps(ISSUE_17).encode(), forged)
-    assert status == 400
-    pixels, _ = reference
-    status, answer = post(server.config.http_url, INFER, *binary_request("UINT8", list(pixels.shape), pixels.tobytes()))
+    forged = {**headers, FRONT_KEY_HEADER: "guess"}
+    status, answer = post(server.local_http_url, INFER, valid, forged)
+    assert status == 403 and FRONT_KEY_HEADER in answer["error"], answer
+    status, answer = post(server.config.http_url, INFER, valid, forged)
+    assert status == 200 and answer["outputs"][0]["name"] == OUTPUT_NAME, answer
+    status, answer = post(server.config.http_url, INFER, valid, headers)
     assert status == 200 and answer["outputs"][0]["name"] == OUTPUT_NAME
     assert_still_serving(server, reference)
 
@@ -243,9 +248,20 @@ def _exchange(server, data: bytes, timeout: float = 10.0) -> bytes:
 
 
 def _status(answer: bytes) -> int:
-    """The status of the (first) answer in raw bytes; 0 when there is none."""
-    found = re.match(rb"HTTP/1\.1 (\d{3}) ", answer)
-    return int(found.group(1)) if found else 0
+    """The final status of the (first) answer in raw bytes, past any interim 1xx answer (``100 Continue``);
+    0 when there is none (the connection was dropped without one)."""
+    while found := re.match(rb"HTTP/1\.1 (\d{3}) ", answer):
+        status = int(found.group(1))
+        if status >= 200:
+            return status
+        answer = answer.partition(b"\r\n\r\n")[2]  # an interim answer: the final one follows
+    return 0
+
+
+def test_status_reads_the_final_answer():
+    assert _status(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 400 Bad Request\r\nA: b\r\n\r\n{}") == 400
+    assert _status(b"HTTP/1.1 100 Continue\r\n\r\n") == 0
+    assert _status(b"") == 0
 
 
 def test_the_front_bounds_bodies_and_heads_and_speaks_http_1_1(server, reference):
@@ -449,7 +465,7 @@ def _valid_binary_request(pixels: np.ndarray) -> bytes:
     path=_paths,
     request=_requests,
     headers=_headers,
-    mode=st.sampled_from(["json", "binary", "mutated", "bytes", "chunked", "short"]),
+    mode=st.sampled_from(["json", "binary", "mutated", "bytes", "chunked", "short", "valid"]),
     noise=st.binary(max_size=64),
     data=st.data(),
 )
@@ -470,6 +486,10 @@ def test_http_protocol_fuzz_leaves_the_server_serving(
         body = bytes(body)
     elif mode == "bytes":
         body = noise
+    elif mode == "valid":  # a real request, with only the fuzzed headers around it: it reaches Triton
+        method, path = "POST", INFER
+        body = _valid_binary_request(pixels[:1])
+        headers["Inference-Header-Content-Length"] = str(body.index(b"}]}") + 3)
     if headers.get("Content-Encoding") in ("gzip", "deflate") and data.draw(st.booleans()):
         body = gzip.compress(body)
     framing = (
@@ -485,6 +505,8 @@ def test_http_protocol_fuzz_leaves_the_server_serving(
     assert server.process.poll() is None, f"{head!r} {body[:300]!r} killed tritonserver:\n{server.errors()}"
     status = _status(answer)
     STATUSES[status] += 1
+    if mode != "short":  # only a body shorter than its framing may end with the connection dropped unanswered
+        assert status != 0, f"no answer to {head!r} {body[:300]!r}"
     assert status < 500, answer[:300]  # a refusal is the caller's fault (4xx), never a server error
 
 
@@ -494,6 +516,8 @@ STATUSES: Counter[int] = Counter()
 def test_http_fuzz_left_the_server_serving(server, reference):
     """After the fuzz above: still ready and correct (and it reached Triton as well as the front's checks)."""
     print(f"\nHTTP fuzz statuses: {dict(sorted(STATUSES.items()))}")
+    if STATUSES:  # the fuzz ran in this session (not deselected)
+        assert STATUSES[200] > 0, f"no fuzzed request reached Triton and was served: {dict(STATUSES)}"
     assert_still_serving(server, reference)
 
 

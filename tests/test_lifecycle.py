@@ -11,6 +11,7 @@ processes named like Triton's) beside decoys that must be left alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -103,6 +104,18 @@ class Launch:
         assert len(servers) == 1, servers
         return servers[0]
 
+    def wait_exit(self, timeout: float, after: str) -> int:
+        """Its exit status; fail with the test's message and its output if it runs past ``timeout``.
+
+        Args:
+            timeout: seconds.
+            after: what should have ended it (for the message).
+        """
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"serve still ran {timeout:.0f} s after {after}:\n{self.output()}")
+
     def ctrl_c(self) -> None:
         """SIGINT to its process group, as a terminal's Ctrl+C."""
         os.killpg(self.process.pid, signal.SIGINT)
@@ -138,7 +151,8 @@ class Launch:
         """Make sure nothing of it outlives the test (even a failing one)."""
         if self.process.poll() is None:
             self.process.kill()
-        self.process.wait(30)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # the cleanup below runs whatever happens
+            self.process.wait(30)
         lifecycle.cleanup(self.stem)
 
 
@@ -214,7 +228,7 @@ def test_every_way_of_ending_leaves_no_process_region_or_port(launch, how, capsy
             served.process.kill()
         else:
             os.kill(triton.pid, signal.SIGKILL)
-        code = served.process.wait(GONE_WITHIN)
+        code = served.wait_exit(GONE_WITHIN, how)
         elapsed = served.assert_gone(since)
     finally:
         foreign.unlink(missing_ok=True)
@@ -228,6 +242,28 @@ def test_every_way_of_ending_leaves_no_process_region_or_port(launch, how, capsy
         ], served.output()
     with capsys.disabled():
         print(f"\n{how}: nothing left after {elapsed:.1f} s (serve exit status {code})")
+
+
+@pytest.mark.slow
+def test_a_failed_start_leaves_nothing_running_and_the_config_unchanged(repository, monkeypatch):
+    """When the start fails after tritonserver is launched (here: the front cannot bind), start() stops what
+    it started: no process or region of that server is left, its ports are free, and the caller's
+    configuration still says 0 for the internal port."""
+    from braintumor_serving import triton
+
+    def refuse(_front: object) -> None:
+        raise OSError("address already in use (simulated)")
+
+    monkeypatch.setattr(triton.HttpFront, "start", refuse)
+    http, grpc, metrics = free_ports(3)
+    config = triton.ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics)
+    server = triton.TritonServer(config)
+    with pytest.raises(triton.ServeError, match="simulated"):
+        server.start()
+    assert config.internal_http_port == 0 and server.internal_http_port
+    assert server.process is not None and server.process.poll() is not None
+    assert not lifecycle.server_processes(server.shm_prefix) and not lifecycle.region_files(server.shm_prefix)
+    assert all(port_free(port) for port in (http, grpc, metrics, server.internal_http_port))
 
 
 # -- --restart -------------------------------------------------------------------------------------------------
@@ -250,7 +286,7 @@ def test_restart_on_failure_serves_again_and_honours_its_limit(launch, capsys):
     assert probabilities.shape == (2, 4) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
     os.kill(second.pid, signal.SIGKILL)  # the limit (1) is reached: serve gives up
     since = time.monotonic()
-    code = served.process.wait(GONE_WITHIN)
+    code = served.wait_exit(GONE_WITHIN, "the second SIGKILL of tritonserver, past the restart limit")
     served.assert_gone(since)
     out = served.output()
     assert code == 1, out

@@ -124,6 +124,22 @@ def test_a_run_trains_on_both_datasets_and_the_ablation_judges_it(run_dir, exter
     assert "| brain-tumor-mri + mri-external | v1 | 2 |" in (out / "ablation.md").read_text()
 
 
+def test_a_second_phase_starts_from_an_earlier_runs_weights(run_dir, data, tmp_path, capsys):
+    import keras
+
+    out = tmp_path / "phase2"
+    command = ["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--image-size", str(SIZE)]
+    assert (
+        main([*command, "--learning-rate", "1e-9", "--warmup-epochs", "0", "--init-from", str(run_dir / "best.keras")])
+        == 0
+    )
+    assert "Starting from the weights of" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["init_from"] == str(run_dir / "best.keras")
+    before = keras.models.load_model(run_dir / "best.keras", compile=False).get_layer("logits").get_weights()[0]
+    after = keras.models.load_model(out / "last.keras", compile=False).get_layer("logits").get_weights()[0]
+    np.testing.assert_allclose(after, before, atol=1e-4)  # a learning rate of 1e-9 leaves the start unchanged
+
+
 def test_finished_or_differently_configured_runs_are_not_overwritten(run_dir, data):
     config = TrainConfig(
         data_dir=str(data),

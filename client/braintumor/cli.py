@@ -69,6 +69,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        warmup_epochs=args.warmup_epochs,
         seed=args.seed,
         weights=str(args.weights) if args.weights else None,
         limit_per_class=args.limit_per_class,
@@ -79,6 +80,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         crop_to_head=args.crop_to_head,
         normalize_intensity=args.normalize_intensity,
         external=str(args.external) if args.external else None,
+        init_from=str(args.init_from) if args.init_from else None,
     )
     try:
         train(config, command=args.command_line)
@@ -465,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--warmup-epochs", type=int, default=2)
     p.add_argument("--patience", type=int, default=12, help="early-stopping patience in epochs")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threshold", type=int, default=None, help="near-duplicate Hamming distance (of 256)")
@@ -476,6 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="v1",
         help="augmentation profile: v1 (mild), robust (contrast, gamma, bias field, noise, framing) or sequence "
         "(robust plus the tissue contrasts of other MRI sequences: random intensity remapping, inversion)",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from the weights of an earlier run's checkpoint (e.g. runs/v3/best.keras): a second phase",
     )
     p.add_argument(
         "--external",

@@ -63,6 +63,8 @@ class TrainConfig:
         augmentation: augmentation profile, ``v1`` (mild) or ``robust`` (scanner and framing shifts).
         crop_to_head: preprocessing crops each image to the head (see :class:`braintumor.preprocessing.Preprocessing`).
         normalize_intensity: preprocessing stretches each image's intensity percentiles to 0–255.
+        init_from: optional checkpoint (``best.keras`` of an earlier run, same image size) whose weights the
+            run starts from: a second training phase with a new warm-up and cosine cycle.
         external: optional manifest dataset (``manifest.csv``, see :mod:`braintumor_training.external`) whose
             training part joins the training images and whose validation part joins validation.
     """
@@ -87,6 +89,7 @@ class TrainConfig:
     crop_to_head: bool = False
     normalize_intensity: bool = False
     external: str | None = None
+    init_from: str | None = None
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -363,6 +366,10 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
         alpha=0.01,
     )
     model = build_classifier(config.image_size, weights=Path(config.weights) if config.weights else None)
+    if config.init_from:
+        earlier = keras.models.load_model(config.init_from, compile=False)
+        model.set_weights(earlier.get_weights())
+        print(f"Starting from the weights of {config.init_from}", flush=True)
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay),
         loss=SetCrossEntropy(label_smoothing=config.label_smoothing),

@@ -381,6 +381,35 @@ def subgroup_card_sections(metrics: dict[str, Any], version: int, config: dict[s
     return lines
 
 
+def earlier_phases(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training phases a run continued (``--init-from``), oldest first: command, epochs and seconds of each.
+
+    Args:
+        config: the run's ``config.json``.
+    """
+    phases: list[dict[str, Any]] = []
+    source = config.get("init_from")
+    while source:
+        run_dir = Path(source).parent
+        try:
+            run = json.loads((run_dir / "run.json").read_text())
+            previous = json.loads((run_dir / "config.json").read_text())
+        except FileNotFoundError:
+            phases.insert(0, {"command": f"(weights of {source}; its run folder is gone)", "epochs": 0, "seconds": 0})
+            break
+        sessions = run.get("sessions", [])
+        phases.insert(
+            0,
+            {
+                "command": sessions[0].get("command", "braintumor train ...") if sessions else "braintumor train ...",
+                "epochs": sum(x.get("epochs_run", 0) for x in sessions),
+                "seconds": run.get("total_train_seconds", 0.0),
+            },
+        )
+        source = previous.get("init_from")
+    return phases
+
+
 def render_model_card(
     model_name: str,
     version: int,
@@ -408,6 +437,7 @@ def render_model_card(
         ),
     ]
     epochs = sum(x.get("epochs_run", 0) for x in sessions)
+    earlier = earlier_phases(config)
     return "\n".join(
         [
             f"# Model card: {model_name}, version {version}",
@@ -459,6 +489,7 @@ def render_model_card(
             "## How it was made",
             "",
             "```",
+            *[phase["command"] for phase in earlier],
             run.get("sessions", [{}])[0].get("command", "braintumor train ..."),
             f"braintumor evaluate {metrics['run_dir']}"
             + (" --tta flip" if metrics.get("tta") == "flip" else "")
@@ -466,7 +497,12 @@ def render_model_card(
             f"braintumor export {metrics['run_dir']}",
             "```",
             "",
-            f"{epochs} epochs, {seconds / 60:.0f} minutes of training on {versions.get('cpus', '?')} CPU cores"
+            "".join(
+                f"A first phase ran {phase['epochs']} epochs in {phase['seconds'] / 60:.0f} minutes; the next started "
+                "from its best checkpoint with a new warm-up and cosine cycle. "
+                for phase in earlier
+            )
+            + f"{epochs} epochs, {seconds / 60:.0f} minutes of training on {versions.get('cpus', '?')} CPU cores"
             + (
                 f" in {len(sessions)} sessions (" + "; ".join(str(x.get("finished")) for x in sessions[:-1]) + ")"
                 if len(sessions) > 1
@@ -614,6 +650,7 @@ def export_run(
         published["training"] = {
             "total_train_seconds": run.get("total_train_seconds"),
             "commands": [x.get("command") for x in run.get("sessions", [])],
+            "earlier_phases": earlier_phases(config),
         }
         (staging / "metrics.json").write_text(json.dumps(published, indent=1))
         previous = model_dir / str(version - 1) / "metrics.json"

@@ -23,7 +23,17 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException
 
-from braintumor.config import HEATMAP_NAME, IMAGE_SIZE, INPUT_NAME, LABELS, MAX_BATCH_SIZE, MODEL_NAME, OUTPUT_NAME
+from braintumor.config import (
+    DEFAULT_MODEL_REPOSITORY,
+    HEATMAP_NAME,
+    IMAGE_SIZE,
+    INPUT_NAME,
+    LABELS,
+    MAX_BATCH_SIZE,
+    MODEL_NAME,
+    OUTPUT_NAME,
+)
+from braintumor.model_repository import versions
 from braintumor.preprocessing import preprocess_batch
 from braintumor_serving.triton import (
     ServeError,
@@ -45,6 +55,10 @@ def server(triton):
 def pixels():
     rng = np.random.default_rng(5)
     return preprocess_batch([random_slice(rng, 224, k % 4) for k in range(6)])
+
+
+#: The latest published version: the test server serves it beside version 1 (see conftest.py).
+LATEST = versions(DEFAULT_MODEL_REPOSITORY / MODEL_NAME)[-1]
 
 
 def _reference(repository, version, pixels):
@@ -76,7 +90,7 @@ def test_health_metadata_and_config(server):
 
 
 def test_grpc_and_http_equal_in_process_onnx_runtime(server, pixels):
-    expected = _reference(server.config.repository, 2, pixels)
+    expected = _reference(server.config.repository, LATEST, pixels)
     got = _grpc_infer(grpcclient.InferenceServerClient(server.config.grpc_url), pixels).as_numpy(OUTPUT_NAME)
     assert np.abs(got - expected).max() <= 1e-5
 
@@ -109,22 +123,22 @@ def test_batches_form_under_concurrency(server, pixels):
 
 def test_two_versions_are_served_and_selectable(server, pixels):
     index = ready_models(server.config.http_url, server.config.admin_key)
-    assert index[MODEL_NAME] == [1, 2]
+    assert index[MODEL_NAME] == [1, LATEST]
     client = grpcclient.InferenceServerClient(server.config.grpc_url)
-    for version in ("1", "2"):
+    for version in ("1", str(LATEST)):
         response = _grpc_infer(client, pixels[:2], version=version)
         assert response.get_response().model_version == version
         expected = _reference(server.config.repository, version, pixels[:2])
         assert np.abs(response.as_numpy(OUTPUT_NAME) - expected).max() <= 1e-5
     latest = _grpc_infer(client, pixels[:1]).get_response().model_version
-    assert latest == "2"
+    assert latest == str(LATEST)
 
 
 def test_classification_extension_returns_labels(server, pixels):
     client = grpcclient.InferenceServerClient(server.config.grpc_url)
     result = _grpc_infer(client, pixels[:1], class_count=2).as_numpy(OUTPUT_NAME)
     assert result.shape == (1, 2)
-    probs = _reference(server.config.repository, 2, pixels[:1])[0]
+    probs = _reference(server.config.repository, LATEST, pixels[:1])[0]
     value, index, label = result[0][0].decode().split(":")
     assert int(index) == int(probs.argmax()) and label == LABELS[int(index)]
     assert float(value) == pytest.approx(float(probs.max()), abs=1e-5)
@@ -216,7 +230,7 @@ def test_invalid_repository_is_refused(tmp_path):
 
 def test_broken_model_makes_the_server_exit_with_its_error(tmp_path):
     repository = copy_repository(tmp_path / "model_repository")
-    (repository / MODEL_NAME / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    (repository / MODEL_NAME / str(LATEST) / "model.onnx").write_bytes(b"not an onnx file")  # a served version
     http, grpc, metrics = free_ports(3)
     server = TritonServer(ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics))
     with server, pytest.raises(ServeError, match="exited"):
@@ -253,7 +267,7 @@ def test_port_check_detects_a_listener():
 def test_benchmark_measures_both_sides_and_writes_its_report(server, pixels, tmp_path):
     from braintumor_serving.bench import format_table, run_benchmark, write_results
 
-    model = server.config.repository / MODEL_NAME / "2" / "model.onnx"
+    model = server.config.repository / MODEL_NAME / str(LATEST) / "model.onnx"
     results = run_benchmark(
         model,
         server.config.grpc_url,
@@ -328,14 +342,14 @@ def test_overload_is_refused_quickly_and_the_server_recovers(server, pixels):
     assert all("queue" in e.message().lower() for e, _ in refused), refused[0][0].message()
     assert all(e.status() == "StatusCode.UNAVAILABLE" for e, _ in refused)
     assert min(t for _, t in refused) - start < 5.0  # refusals come quickly, not after a long wait
-    expected = _reference(server.config.repository, 2, pixels[:1])
+    expected = _reference(server.config.repository, LATEST, pixels[:1])
     assert np.abs(_grpc_infer(client, pixels[:1]).as_numpy(OUTPUT_NAME) - expected).max() <= 1e-5
     assert client.is_server_ready()
 
 
 def test_unknown_models_versions_and_mismatched_payloads_are_refused_and_answers_stay_the_same(server, pixels):
     client = grpcclient.InferenceServerClient(server.config.grpc_url)
-    expected = _reference(server.config.repository, 2, pixels[:2])
+    expected = _reference(server.config.repository, LATEST, pixels[:2])
     inp = grpcclient.InferInput(INPUT_NAME, [1, *pixels.shape[1:]], "UINT8")
     inp.set_data_from_numpy(pixels[:1])
     with pytest.raises(InferenceServerException, match=r"unknown model|not found"):

@@ -48,7 +48,7 @@ from braintumor_serving.soak import (
     warm_shapes,
     write_report,
 )
-from braintumor_serving.triton import ServerConfig, TritonServer
+from braintumor_serving.triton import ServerConfig, TritonServer, ready_models
 
 #: The share of the measured capacity that the soak sends.
 LOAD_FRACTION = 0.7
@@ -83,7 +83,7 @@ def soak(server: TritonServer, seconds: float, warmup: float, command: str, caps
         capsys: pytest's capture (the figures are printed past it).
         p99_limit: the latency check's bound (see :func:`summarize`).
     """
-    versions = tuple(server.models[MODEL_NAME])
+    versions = tuple(ready_models(server.local_http_url, server.config.admin_key)[MODEL_NAME])  # the served ones
     rng = np.random.default_rng(70)
     pixels = preprocess_batch([random_slice(rng, 224, k % 4) for k in range(64)])
     reference = Reference(server.config.repository, versions, pixels)

@@ -12,13 +12,13 @@ that into the checks of issue 17:
 - memory: the median resident memory of the last comparison window exceeds that of the first window after
   warm-up by at most 5 %;
 - file descriptors: after warm-up they vary by at most a few (connections come and go), and do not climb;
-- latency: each latency is divided by the median of its class (version, batch size, explain) after
-  warm-up, so that the draw of the mix does not decide; the p99 of that is taken per 10 s block, and the
-  median of the block p99s of the last window is compared with that of the first window (``p99_limit``:
+- latency: the p99 is taken per 10 s block, and the median of the block p99s of the last window is
+  compared with that of the first window (``p99_limit``:
   1.2, the issue's "within 20 %", for the 10-minute soak; the 2-minute CI run uses a generous bound that
   catches only large regressions). When the load generator itself falls behind (p99 of its lag above
   ``lag_limit``, 100 ms), the machine starved the *client* and its latencies say nothing of the server:
-  the latency check is then not evaluated (``skipped``, with the reason), never passed silently;
+  the latency check is then not evaluated (``skipped``, with the reason), never passed silently. The p99 of
+  latencies divided by the median of their class (version, batch size, explain) is reported beside it;
 - zero errors, and every answer (probabilities, and the heatmap when asked for) within 1e-5 of in-process
   ONNX Runtime.
 
@@ -619,8 +619,8 @@ def summarize(
         window: seconds of the first and last comparison windows (default: a minute, or a third of the time
             after warm-up when that is shorter); the latency check compares whole :data:`BLOCK` s blocks,
             as many as fit the window (at least one).
-        p99_limit: the largest ratio of the last window's p99 to the first's (the median of the block p99s
-            of latencies normalised by their class's median).
+        p99_limit: the largest ratio of the last window's p99 to the first's (the median of the p99s, in
+            milliseconds, of its :data:`BLOCK` s blocks).
         lag_limit: seconds; when the p99 of the load generator's lag after warm-up is above it, the latency
             check is not evaluated (``skipped`` says why) and the other checks still are.
         foreign_limit: when other processes took more than this share of the machine's CPU time after
@@ -646,10 +646,17 @@ def summarize(
     lag_p99 = _p99([r.lag for r in steady_records])
     per_block = blocks(run)
     n = max(1, min(len(per_block) // 2, round(window / BLOCK)))
-    block_first = [b["p99_normalised"] for b in per_block[:n]]
-    block_last = [b["p99_normalised"] for b in per_block[-n:]]
-    p99_first = float(np.median(block_first)) if block_first else float("nan")
-    p99_last = float(np.median(block_last)) if block_last else float("nan")
+    p99_first, p99_last = (
+        float(np.median(values)) if (values := [b["p99_normalised"] for b in part]) else float("nan")
+        for part in (per_block[:n], per_block[-n:])
+    )
+    # the check compares the p99 in milliseconds, as the issue states it; the normalised p99 (divided by
+    # each class's median) is reported beside it: with small batches' medians of a few milliseconds it swings
+    # with queueing (1.37 on a quiet machine where the raw p99 moved 134 -> 142 ms) and is too noisy to gate on
+    ms_first, ms_last = (
+        float(np.median(values)) if (values := [b["p99_ms"] for b in part if b["requests"]]) else float("nan")
+        for part in (per_block[:n], per_block[-n:])
+    )
     rss_first = float(np.median([s.rss_bytes for s in run.samples if within(s.t, first)]))
     rss_last = float(np.median([s.rss_bytes for s in run.samples if within(s.t, last)]))
     steady = [s for s in run.samples if s.t >= run.warmup]
@@ -657,7 +664,7 @@ def summarize(
     fds_first = [s.fds for s in steady if within(s.t, first)]
     fds_last = [s.fds for s in steady if within(s.t, last)]
     differences = [r.difference for r in run.records if not r.outcome.startswith("error")]
-    latency_check: dict[str, Any] = {"value": p99_last / p99_first, "limit": p99_limit}
+    latency_check: dict[str, Any] = {"value": ms_last / ms_first, "limit": p99_limit}
     foreign = foreign_cpu_share(run)
     if foreign > foreign_limit:
         latency_check["skipped"] = (
@@ -865,9 +872,9 @@ def render_markdown(summary: dict[str, Any], command: str) -> str:
     lines += [
         "",
         f"Latency is measured from each request's scheduled send time (open loop). p99_last_over_first: the "
-        f"median of the p99s of the last {summary['blocks_compared']} blocks of 10 s over that of the first, each "
-        f"latency divided by the median of its (version, batch, explain) class: "
-        f"{summary['p99_normalised_first_window']:.2f} then {summary['p99_normalised_last_window']:.2f}. "
+        f"median of the p99s (ms) of the last {summary['blocks_compared']} blocks of 10 s over that of the first. "
+        f"Reported beside it, the same with each latency divided by the median of its (version, batch, explain) "
+        f"class: {summary['p99_normalised_first_window']:.2f} then {summary['p99_normalised_last_window']:.2f}. "
         f"The load generator's own lag: p99 {summary['generator_lag_p99_ms']:.0f} ms after warm-up (limit "
         f"{summary['generator_lag_limit_ms']:.0f} ms for the latency check to count); other processes took "
         f"{100 * summary.get('foreign_cpu_share', float('nan')):.0f} % of the machine's CPU time (limit "

@@ -250,6 +250,23 @@ def compare_with_previous(version: int, metrics: dict[str, Any], previous: dict[
     return [*lines, ""]
 
 
+#: The external subgroups whose tumour sensitivity the card names: (name, grouping, subgroup).
+SCREENED_SUBGROUPS = (
+    ("T1", "sequence", "T1"),
+    ("T1C", "sequence", "T1C"),
+    ("T2", "sequence", "T2"),
+    ("Br35H", "source", "br35h"),
+)
+
+
+def _screening_figures(sets: dict[str, Any]) -> str:
+    """``T1 0.935 (…), …, Br35H …, its specificity …``: the tumour sensitivity of each screened subgroup."""
+    sensitivities = ", ".join(
+        f"{name} {_cell(sets, grouping, subgroup)}" for name, grouping, subgroup in SCREENED_SUBGROUPS
+    )
+    return f"{sensitivities}, its specificity {_cell(sets, 'all', 'all', 'specificity')}"
+
+
 def _cell(sets: dict[str, Any] | None, grouping: str, subgroup: str, key: str = "tumor_sensitivity") -> str:
     """One proportion of one external-test subgroup, formatted, or ``–``."""
     row = find_row(sets["external_test"]["subgroups"], grouping, subgroup) if sets and "external_test" in sets else None
@@ -331,16 +348,8 @@ def subgroup_card_sections(metrics: dict[str, Any], version: int, config: dict[s
     if earlier:
         lines[-1] += (
             " On the external test part its tumour sensitivity was "
-            + ", ".join(
-                f"{name} {_cell(earlier, grouping, subgroup)}"
-                for name, grouping, subgroup in (
-                    ("T1", "sequence", "T1"),
-                    ("T1C", "sequence", "T1C"),
-                    ("T2", "sequence", "T2"),
-                    ("Br35H", "source", "br35h"),
-                )
-            )
-            + f", its specificity {_cell(earlier, 'all', 'all', 'specificity')} (95 % intervals)."
+            + _screening_figures(earlier)
+            + " (95 % intervals)."
         )
     else:
         lines[-1] += " Its figures on the external test part: `docs/v2/external/subgroups.md`."
@@ -353,16 +362,8 @@ def subgroup_card_sections(metrics: dict[str, Any], version: int, config: dict[s
             else ""
         )
         + ": on the same images its tumour sensitivity is "
-        + ", ".join(
-            f"{name} {_cell(mine, grouping, subgroup)}"
-            for name, grouping, subgroup in (
-                ("T1", "sequence", "T1"),
-                ("T1C", "sequence", "T1C"),
-                ("T2", "sequence", "T2"),
-                ("Br35H", "source", "br35h"),
-            )
-        )
-        + f", its specificity {_cell(mine, 'all', 'all', 'specificity')}."
+        + _screening_figures(mine)
+        + "."
         + (
             ""
             if find_row(external["subgroups"], "sequence", "FLAIR")

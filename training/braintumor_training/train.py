@@ -235,31 +235,26 @@ def balanced_weights(kinds: np.ndarray) -> np.ndarray:
     return per_kind[inverse].astype(np.float32)
 
 
-def load_external(
-    config: TrainConfig, out_dir: Path | None = None, training_images: list[Path] | None = None
-) -> tuple[list[ManifestRecord], dict[str, Any]] | tuple[list, None]:
-    """The run's manifest dataset and its split (written to ``external_split.json`` in ``out_dir``).
+def run_external_split(
+    config: TrainConfig, records: list[ManifestRecord], out_dir: Path, training_images: list[Path]
+) -> dict[str, Any]:
+    """The split of the run's manifest dataset, kept as ``external_split.json`` in the run folder.
+
+    A resumed run reads it back; a new run draws it (:func:`~braintumor_training.external.external_split`).
 
     Args:
-        config: the run's configuration.
-        out_dir: the run folder, where the split is kept (and read back when the run resumes).
+        config: the run's configuration (its near-duplicate threshold and seed).
+        records: the manifest dataset, already read and checked.
+        out_dir: the run folder.
         training_images: the folder dataset's Training images: external groups near one of them stay in
             the external training part.
-
-    Raises:
-        ManifestError: naming a bad manifest row, before anything is written.
     """
-    if not config.external:
-        return [], None
-    records = read_manifest(Path(config.external))
-    saved = out_dir / EXTERNAL_SPLIT_FILE if out_dir is not None else None
-    if saved is not None and saved.exists():
-        split = json.loads(saved.read_text())
-    else:
-        split = external_split(records, config.threshold, config.seed, training_images=training_images or ())
-        if saved is not None:
-            saved.write_text(json.dumps(split, indent=1))
-    return records, split
+    saved = out_dir / EXTERNAL_SPLIT_FILE
+    if saved.exists():
+        return json.loads(saved.read_text())
+    split = external_split(records, config.threshold, config.seed, training_images=training_images)
+    saved.write_text(json.dumps(split, indent=1))
+    return split
 
 
 def _check_config(out_dir: Path, config: TrainConfig) -> None:
@@ -298,9 +293,10 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     _check_config(out_dir, config)
     if (out_dir / LAST_CHECKPOINT).exists() and not (out_dir / "backup").exists():
         raise TrainingError(f"{out_dir} holds a finished run; evaluate it, or train into a new --out folder")
+    external: list[ManifestRecord] = []
     if config.external:  # a bad manifest row stops the run before anything is written
         print(f"Checking {Path(config.external) / 'manifest.csv'} ...", flush=True)
-        read_manifest(Path(config.external))
+        external = read_manifest(Path(config.external))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
     keras.utils.set_random_seed(config.seed)
@@ -328,9 +324,9 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     m_train, m_val = np.eye(len(LABELS), dtype=np.float32)[y_train], np.eye(len(LABELS), dtype=np.float32)[y_val]
     kinds = np.array([LABELS[k] for k in y_train], dtype=object)
 
-    training_images = [Path(config.data_dir) / p for p in report.split["train"] + report.split["val"]]
-    external, split = load_external(config, out_dir, training_images)
     if external:
+        training_images = [Path(config.data_dir) / p for p in report.split["train"] + report.split["val"]]
+        split = run_external_split(config, external, out_dir, training_images)
         print(
             f"  {config.external}: {split['n_groups']} near-duplicate groups, split by group; "
             f"{split['near_other_training']} images near a Training image kept in its training part",

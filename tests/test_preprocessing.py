@@ -266,3 +266,12 @@ def test_one_image_the_batch_and_the_training_dataset_give_the_same_tensor(tmp_p
     pixels, _ = load_arrays(tmp_path, records, preprocessing=spec, workers=2)
     np.testing.assert_array_equal(pixels, single)
     np.testing.assert_array_equal(spec(paths[0].read_bytes()), single[0])
+
+
+def test_preprocessing_benchmark_reports_every_parameter_set_and_agrees_with_the_old_implementation():
+    bench = pytest.importorskip("braintumor_serving.bench")
+    results = bench.bench_preprocessing(seconds=0.1, side=320)
+    for size in (320, 224):
+        for name in ("v1", "v1_jpeg_draft", "v2_v3", "v2_v3_jpeg_draft"):
+            assert results[f"ms_{size}_{name}"] > 0
+    assert results["ms_320_v2_v3_before_14"] > 0 and results["rounds"] >= 20

@@ -34,4 +34,7 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 [ -x .tools/bin/python ] || "$PYTHON" -m venv .tools
 .tools/bin/python -m pip install --quiet --upgrade pip
 .tools/bin/python -m pip install --quiet "checkov==3.3.30" "kubernetes-validate==1.37.0"
+# Triton's perf_analyzer (braintumor bench): the binary of the server's release, from the tritonclient 2.51 wheel,
+# into .tools/perf_analyzer (PyPI's perf-analyzer wheels need glibc 2.38); see braintumor_serving/perf_analyzer.py.
+[ -x .tools/perf_analyzer/bin/perf_analyzer ] || .venv/bin/python -m braintumor_serving.perf_analyzer install
 echo "Set up: activate with 'source .venv/bin/activate' (or call .venv/bin/braintumor)."

@@ -67,6 +67,16 @@ def wait_idle(metrics_url: str, quiet: float = 1.0, timeout: float = 30.0, inter
     return False
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m braintumor_serving.drain``."""
+    p = argparse.ArgumentParser(prog="python -m braintumor_serving.drain", description=__doc__.split("\n")[0])
+    p.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics")
+    p.add_argument("--wait", type=float, default=10.0, help="seconds for the endpoints to forget the pod first")
+    p.add_argument("--quiet", type=float, default=2.0, help="seconds without activity that count as idle")
+    p.add_argument("--timeout", type=float, default=30.0, help="most seconds to wait for idleness after --wait")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m braintumor_serving.drain``: the ``preStop`` hook.
 
@@ -76,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 always (a hook that fails only delays the stop); says on stderr when it gave up waiting.
     """
-    p = argparse.ArgumentParser(prog="python -m braintumor_serving.drain", description=__doc__.split("\n")[0])
-    p.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics")
-    p.add_argument("--wait", type=float, default=10.0, help="seconds for the endpoints to forget the pod first")
-    p.add_argument("--quiet", type=float, default=2.0, help="seconds without activity that count as idle")
-    p.add_argument("--timeout", type=float, default=30.0, help="most seconds to wait for idleness after --wait")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     if min(args.wait, args.quiet, args.timeout) < 0:
         print("braintumor drain: --wait, --quiet and --timeout must be 0 or more", file=sys.stderr)
         return 2

@@ -167,6 +167,7 @@ class Step:
         replica: its position.
         versions: the versions it serves afterwards.
         left_at: when it began to leave the rotation (:func:`time.monotonic`).
+        back_at: when it was back in the rotation, ready on the new repository.
         drain_s: seconds to take it out of nginx and let its requests finish.
         restart_s: seconds from the stop until it was ready again.
     """
@@ -174,6 +175,7 @@ class Step:
     replica: int
     versions: tuple[int, ...]
     left_at: float
+    back_at: float
     drain_s: float
     restart_s: float
 
@@ -183,6 +185,7 @@ def rolling_update(
     replicas: list[ServeReplica],
     repository: Path,
     ready_timeout: float = 180.0,
+    min_ready: float = 0.0,
     on_step: Callable[[Step], None] | None = None,
 ) -> list[Step]:
     """Move every replica, one by one, to ``repository``, draining each behind ``balancer`` first.
@@ -192,6 +195,8 @@ def rolling_update(
         replicas: the replicas.
         repository: the model repository they serve afterwards (e.g. with version N+1 published).
         ready_timeout: seconds a restarted replica may take to be ready.
+        min_ready: seconds a replica back in the rotation must stay ready before the next one moves
+            (Kubernetes' ``minReadySeconds``).
         on_step: called after each replica is back in the rotation.
 
     Returns:
@@ -219,8 +224,13 @@ def rolling_update(
         replica.repository = Path(repository)
         replica.start()
         replica.wait_ready(ready_timeout)
+        ready = time.monotonic()
         balancer.set_down(i, down=False)
-        step = Step(i, tuple(replica.versions()), started, drained - started, time.monotonic() - drained)
+        back = time.monotonic()
+        time.sleep(min_ready)
+        if not replica.is_ready():
+            raise RolloutError(f"replica {i} did not stay ready for {min_ready:g} s after its restart")
+        step = Step(i, tuple(replica.versions()), started, back, drained - started, ready - drained)
         steps.append(step)
         if on_step is not None:
             on_step(step)

@@ -211,3 +211,14 @@ def test_kill_and_drain_under_load_lose_nothing(tmp_path, capsys):
     assert gap < 2.0, "the survivor did not take the load within 2 s"
     assert after and all(row[2] in survivor for row in after)
     assert admin_key not in balancer.access_log.read_text() + balancer.error_log.read_text()
+
+
+def test_drain_hook_refuses_bad_arguments_and_gives_up_on_an_absent_server(capsys):
+    from braintumor_serving.drain import main as drain_main
+
+    assert drain_main(["--wait", "-1"]) == 2
+    assert "must be 0 or more" in capsys.readouterr().err
+    started = time.monotonic()
+    assert not wait_idle("http://127.0.0.1:9/metrics", timeout=5)  # nothing listens: no wait
+    assert drain_main(["--metrics-url", "http://127.0.0.1:9/metrics", "--wait", "0"]) == 0
+    assert "stopping anyway" in capsys.readouterr().err and time.monotonic() - started < 5

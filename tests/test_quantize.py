@@ -273,7 +273,11 @@ def test_int8_that_holds_is_published_with_fp32_beside_it(published, tmp_path, c
     }
     assert "## Int8" in (version / "model-card.md").read_text()
     report = (tmp_path / "report" / "int8-v1.md").read_text()
-    assert "## Speed" in report and "| int8 | 32 |" in report
+    assert "## Speed" in report and "| int8 | 32 |" in report and "CPU milliseconds per image" in report
+    speed = json.loads((tmp_path / "report" / "int8-v1.json").read_text())["speed"]
+    measured = {(r["model"], r["batch_size"]) for r in speed["cpu"]}
+    assert measured == {(m, b) for m in ("fp32", "int8") for b in (1, 8, 32)}
+    assert all(r["cpu_ms_per_image"] > 0 for r in speed["cpu"])
     # a version already serving int8 is not quantized twice
     assert main(_command(tmp_path, data, external, split, "--seconds", "0", "--publish")) == 2
     assert "already serves int8" in capsys.readouterr().err

@@ -10,9 +10,9 @@ training part) made by the version's own preprocessing.
 Kept in float (:func:`head_nodes`): everything after the last convolution, that is the hard swish of the
 last convolution, the head that recomputes the logits and the Grad-CAM maps from the feature map
 (:class:`~braintumor_training.model.GradCamHead`: global pooling, two small MatMuls, the closed-form gradient,
-the per-class normalisation), the temperature and the softmax. That is well under 1 % of the compute, and
-int8 there would put rounding straight into the logits (which the temperature then scales by 1/T) and into
-the Grad-CAM gradient.
+the per-class normalisation), the temperature and the softmax. That is about a tenth of the multiply-adds
+(3.0 M of 31 M an image, most of it the Grad-CAM gradient), and int8 there would put rounding straight into
+the logits (which the temperature then scales by 1/T) and into the Grad-CAM gradient.
 
 :func:`judge` scores the fp32 and the int8 model on the same preprocessed images of every set the evaluation
 reports (Kaggle Testing, its leak-free subset, the external test part) with the evaluation's own functions
@@ -37,6 +37,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -654,11 +655,28 @@ def render_speed(speed: Mapping[str, Any]) -> list[str]:
             for r in speed["versions"]
         ),
         "",
+        "Throughput ratios (wall time, disturbed where the load exceeds the cores):",
+        "",
         "| batch | int8 over fp32 | int8 over version 1 | fp32 over version 1 | target |",
         "|---:|---:|---:|---:|---|",
         *(
             f"| {r['batch_size']} | {r['int8_over_fp32']:.2f}× | {_ratio(r.get('int8_over_version_1'))} | "
             f"{_ratio(r.get('fp32_over_version_1'))} | {r.get('target', '')} |"
+            for r in speed["ratios"]
+        ),
+        "",
+        "CPU milliseconds per image on one thread (as each server instance runs; both outputs; median of "
+        "calls taken in turns), which other work on the machine barely changes:",
+        "",
+        "| model | batch | CPU ms per image |",
+        "|---|---:|---:|",
+        *(f"| {r['model']} | {r['batch_size']} | {r['cpu_ms_per_image']:.2f} |" for r in speed.get("cpu", [])),
+        "",
+        "| batch | int8 over fp32 (images per CPU second) | int8 over version 1 |",
+        "|---:|---:|---:|",
+        *(
+            f"| {r['batch_size']} | {_ratio(r.get('cpu_int8_over_fp32'))} | "
+            f"{_ratio(r.get('cpu_int8_over_version_1'))} |"
             for r in speed["ratios"]
         ),
     ]
@@ -708,6 +726,45 @@ def publish_int8(version_dir: Path, int8_path: Path, summary: Mapping[str, Any])
         shutil.rmtree(old, ignore_errors=True)
 
 
+def cpu_cost(
+    models: Mapping[str, Path], pixels: np.ndarray, batch_sizes: tuple[int, ...] = (1, 8, 32), rounds: int = 15
+) -> list[dict[str, Any]]:
+    """CPU milliseconds per image of each model on one thread, as each server instance runs (``cpu.pbtxt``).
+
+    CPU time, unlike wall time, is barely changed by other work on the machine, so this ratio holds where
+    throughput is disturbed. Models take turns; the median call counts.
+
+    Args:
+        models: ONNX files by name.
+        pixels: images to send.
+        batch_sizes: batch sizes measured.
+        rounds: calls of each model at each batch size.
+
+    Returns:
+        One row per model and batch size: ``model``, ``batch_size``, ``cpu_ms_per_image``.
+    """
+    from braintumor_serving.bench import session_options
+
+    sessions = {
+        name: ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+        for name, path in models.items()
+    }
+    times: dict[tuple[str, int], list[float]] = {(name, b): [] for name in models for b in batch_sizes}
+    for batch_size in batch_sizes:
+        batch = np.resize(pixels, (batch_size, *pixels.shape[1:]))
+        for session in sessions.values():
+            session.run([PROBABILITIES_NAME], {INPUT_NAME: batch})
+        for _ in range(rounds):
+            for name, session in sessions.items():
+                start = time.process_time()
+                session.run([PROBABILITIES_NAME, HEATMAP_NAME], {INPUT_NAME: batch})
+                times[(name, batch_size)].append((time.process_time() - start) / batch_size)
+    return [
+        {"model": name, "batch_size": b, "cpu_ms_per_image": 1e3 * float(np.median(values))}
+        for (name, b), values in times.items()
+    ]
+
+
 def measure_speed(
     fp32_path: Path,
     int8_path: Path,
@@ -735,6 +792,7 @@ def measure_speed(
     models.update({"fp32": Path(fp32_path), "int8": Path(int8_path)})
     load_before = os.getloadavg()[0]
     results = bench_versions(models, pixels, seconds, batch_sizes)
+    results["cpu"] = cpu_cost(models, pixels, batch_sizes)
     results["note"] = (
         f"load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores "
         "(above the core count, other work was running and the figures are disturbed)"
@@ -747,7 +805,10 @@ def measure_speed(
             "batch_size": batch_size,
             "int8_over_fp32": int8 / rows[("fp32", batch_size)]["images_per_s"],
         }
+        cpu = {r["model"]: r["cpu_ms_per_image"] for r in results["cpu"] if r["batch_size"] == batch_size}
+        ratio["cpu_int8_over_fp32"] = cpu["fp32"] / cpu["int8"]
         if baseline is not None:
+            ratio["cpu_int8_over_version_1"] = cpu["version 1 (fp32)"] / cpu["int8"]
             ratio["int8_over_version_1"] = int8 / rows[("version 1 (fp32)", batch_size)]["images_per_s"]
             ratio["fp32_over_version_1"] = (
                 rows[("fp32", batch_size)]["images_per_s"] / rows[("version 1 (fp32)", batch_size)]["images_per_s"]

@@ -81,6 +81,8 @@ def test_rendered_configuration_passes_nginx_t(tmp_path):
         ([], "at least one replica"),
         (["--replica", "127.0.0.1:8000:8001", "--tls-cert", "x.pem"], "both a certificate"),
         (["--replica", "127.0.0.1:8000:8001", "--tls-cert", "x.pem", "--tls-key", "x.key"], "not found"),
+        (["--replica", "127.0.0.1:8000:8001", "--user", "root; daemon on"], "user must be"),
+        (["--replica", "127.0.0.1:8000:8001", "--host", "0.0.0.0;"], "not a host name"),
     ],
 )
 def test_bad_balancer_arguments_get_one_clear_line(argv, message, capsys):

@@ -32,6 +32,8 @@ from braintumor_serving.front import FrontLimits, ModelSpec, TensorSpec
 
 TEMPLATE = PROJECT_ROOT / "deploy" / "nginx" / "nginx.conf.template"
 _PLACEHOLDER = re.compile(r"\$\{([a-z_]+)\}")
+_DURATION = re.compile(r"[0-9]{1,6}(ms|s|m)?")
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}( [a-z_][a-z0-9_-]{0,31})?")
 _HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 
 
@@ -160,8 +162,15 @@ def render(config: BalancerConfig, template: Path = TEMPLATE) -> str:
     for path in (config.tls_cert, config.tls_key):
         if path is not None and not Path(path).is_file():
             raise BalancerError(f"TLS file {path} not found")
-    if config.tries < 1 or config.max_fails < 0 or config.body_bytes < 1:
-        raise BalancerError("tries must be 1 or more, max_fails 0 or more, body_bytes 1 or more")
+    if config.tries < 1 or config.max_fails < 0 or config.body_bytes < 1 or config.worker_processes < 1:
+        raise BalancerError("tries and worker_processes must be 1 or more, max_fails 0 or more, body_bytes 1 or more")
+    for name in ("fail_timeout", "connect_timeout", "read_timeout", "next_upstream_timeout", "worker_shutdown_timeout"):
+        if not _DURATION.fullmatch(getattr(config, name)):
+            raise BalancerError(f"{name} must be an nginx time such as 500ms, 5s or 1m (got {getattr(config, name)!r})")
+    if config.user is not None and not _USER.fullmatch(config.user):
+        raise BalancerError(f"user must be a user name, optionally with a group (got {config.user!r})")
+    if not _HOST.fullmatch(config.host):
+        raise BalancerError(f"the listening host {config.host!r} is not a host name or address")
     ssl = " ssl" if config.tls_cert else ""
     tls = ""
     if config.tls_cert:
@@ -351,6 +360,17 @@ class Balancer:
         replicas = list(self.config.replicas)
         replicas[index] = replace(replicas[index], down=down)
         return self.reload(replace(self.config, replicas=tuple(replicas)))
+
+    def is_down(self, index: int) -> bool:
+        """Whether replica ``index`` is out of the rotation.
+
+        Args:
+            index: position in :attr:`BalancerConfig.replicas`.
+        """
+        return self.config.replicas[index].down
+
+    def __len__(self) -> int:
+        return len(self.config.replicas)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """Stop nginx: gracefully (SIGQUIT, requests finish), then SIGTERM, then SIGKILL. Safe to repeat.

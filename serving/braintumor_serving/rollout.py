@@ -29,10 +29,29 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from braintumor.config import MODEL_NAME
-from braintumor_serving.balancer import Balancer, BalancerError
+from braintumor_serving.balancer import BalancerError
 from braintumor_serving.drain import wait_idle
+
+
+class Rotation(Protocol):
+    """What sends traffic to the replicas and can leave one out: :class:`.balancer.Balancer` (nginx), or a
+    client-side balancer's list of endpoints. ``set_down`` returns once no request of its own is in flight
+    on a replica it left out."""
+
+    def set_down(self, index: int, down: bool = True) -> float:
+        """Leave replica ``index`` out (``down``) or put it back; returns the seconds it took."""
+        ...
+
+    def is_down(self, index: int) -> bool:
+        """Whether replica ``index`` is out."""
+        ...
+
+    def __len__(self) -> int:
+        """How many replicas it knows."""
+        ...
 
 
 class RolloutError(RuntimeError):
@@ -181,7 +200,7 @@ class Step:
 
 
 def rolling_update(
-    balancer: Balancer,
+    balancer: Rotation,
     replicas: list[ServeReplica],
     repository: Path,
     ready_timeout: float = 180.0,
@@ -191,7 +210,8 @@ def rolling_update(
     """Move every replica, one by one, to ``repository``, draining each behind ``balancer`` first.
 
     Args:
-        balancer: the nginx in front of them; ``replicas[i]`` is its replica ``i``.
+        balancer: what sends them traffic (nginx's :class:`.balancer.Balancer`); ``replicas[i]`` is its
+            replica ``i``.
         replicas: the replicas.
         repository: the model repository they serve afterwards (e.g. with version N+1 published).
         ready_timeout: seconds a restarted replica may take to be ready.
@@ -206,11 +226,11 @@ def rolling_update(
         RolloutError: when no other replica is ready to take the load, or a replica does not come back (it
             stays out of the rotation; the others keep serving).
     """
-    if len(replicas) != len(balancer.config.replicas):
-        raise RolloutError(f"{len(replicas)} replicas given, the balancer has {len(balancer.config.replicas)}")
+    if len(replicas) != len(balancer):
+        raise RolloutError(f"{len(replicas)} replicas given, the balancer has {len(balancer)}")
     steps = []
     for i, replica in enumerate(replicas):
-        others = [r for k, r in enumerate(replicas) if k != i and not balancer.config.replicas[k].down]
+        others = [r for k, r in enumerate(replicas) if k != i and not balancer.is_down(k)]
         if not any(r.is_ready() for r in others):
             raise RolloutError(f"no other replica is ready to take the load of replica {i}; nothing was stopped")
         started = time.monotonic()

@@ -186,13 +186,16 @@ def test_kill_and_drain_under_load_lose_nothing(tmp_path, capsys):
             load.stop()
         if balancer is not None:
             balancer.stop()
+            rows = access_log(balancer)
+            logs = balancer.access_log.read_text() + balancer.error_log.read_text()
         for r in replicas:
             r.kill()
+        shutil.rmtree(prefix, ignore_errors=True)
     ledger = load.ledger()
     errors = sorted({r.error for r in load.records if r.outcome == "errored"})[:5]
     gap = load.longest_gap(killed, ended)
     survivor = f"{replicas[1].host}:{replicas[1].http_port}", f"{replicas[1].host}:{replicas[1].grpc_port}"
-    after = [row for row in access_log(balancer) if row[0] > killed_wall + 2]
+    after = [row for row in rows if row[0] > killed_wall + 2]
     with capsys.disabled():
         print(
             f"\nbalancer ledger: {ledger}; shares per replica {shares}; drain {drain_s:.2f} s; "
@@ -212,7 +215,7 @@ def test_kill_and_drain_under_load_lose_nothing(tmp_path, capsys):
     assert during_drain > 0
     assert gap < 2.0, "the survivor did not take the load within 2 s"
     assert after and all(row[2] in survivor for row in after)
-    assert admin_key not in balancer.access_log.read_text() + balancer.error_log.read_text()
+    assert admin_key not in logs
 
 
 def test_drain_hook_refuses_bad_arguments_and_gives_up_on_an_absent_server(capsys):

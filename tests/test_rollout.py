@@ -80,6 +80,7 @@ def test_rolling_update_under_load_fails_no_request(tmp_path, capsys):
             balancer.stop()
         for r in replicas:
             r.kill()
+        shutil.rmtree(prefix, ignore_errors=True)
     ledger = load.ledger()
     seen = {name: sorted({r.version for r in load.records if r.client == name and r.version}) for name in ledger}
     old_errors = [r for r in load.records if r.client == "old" and r.outcome == "errored"]

@@ -195,6 +195,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
             gate=gate,
             data_dir=Path(args.data) if args.data else None,
             served_versions=args.served_versions,
+            int8=args.int8,
+            int8_tolerance=args.int8_tolerance,
+            calibration_images=args.calibration_images,
         )
     except ExportError as err:
         print(f"braintumor export: {err}", file=sys.stderr)
@@ -352,50 +355,43 @@ def _bench_pixels(data_dir: Path, n: int = 64):
 def _cmd_bench(args: argparse.Namespace) -> int:
     from braintumor.config import MODEL_NAME as NAME
     from braintumor.model_repository import versions
-    from braintumor_serving.bench import (
-        bench_client,
-        bench_explain_cost,
-        bench_preprocessing,
-        format_table,
-        run_benchmark,
-        write_results,
-    )
-    from braintumor_serving.triton import ServeError, ServerConfig, TritonServer, free_ports
 
     repository = Path(args.repository)
     published = versions(repository / NAME)
     if not published:
         print(f"braintumor bench: no published version of {NAME} in {repository}", file=sys.stderr)
         return 2
-    model = repository / NAME / str(published[-1]) / "model.onnx"
     pixels = _bench_pixels(Path(args.data))
     if args.versions:
         return _bench_versions(args, repository / NAME, published, pixels)
 
+    from braintumor_serving import side_by_side
+    from braintumor_serving.bench import bench_client
+    from braintumor_serving.perf_analyzer import PerfAnalyzerError, find
+    from braintumor_serving.triton import ServeError, ServerConfig, TritonServer, free_ports, ready_models
+
+    try:
+        find()
+    except PerfAnalyzerError as err:
+        print(f"braintumor bench: {err}", file=sys.stderr)
+        return 2
     http, grpc, metrics = free_ports(3)
     config = ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics)
-
     try:
         with TritonServer(config) as server:
             server.wait_until_ready(180)
-            print(f"Embedded Triton ready on {config.grpc_url}; measuring {args.seconds:.0f} s per point ...")
-            results = run_benchmark(model, config.grpc_url, config.metrics_url, pixels, seconds=args.seconds)
-            results["explain_cost"] = bench_explain_cost(model, config.grpc_url, pixels, min(args.seconds, 3.0))
+            served = [str(v) for v in ready_models(server.local_http_url, config.admin_key).get(NAME, [])]
+            print(f"Embedded Triton ready on {config.grpc_url} (versions {', '.join(served)}); measuring ...")
+            results = side_by_side.run(server, repository / NAME, served, pixels, seconds=args.seconds)
             if args.client:
-                results["preprocessing"] = bench_preprocessing(args.seconds)
                 files = sorted(p for p in (Path(args.data) / "Testing").rglob("*.jpg"))
                 if files:
                     results["client"] = bench_client(config.grpc_url, files)
-                    best = max(p["images_per_s"] for p in results["triton"])
-                    fastest = max(v for k, v in results["client"].items() if k.startswith("predict_batch"))
-                    results["client"]["server_only_best_images_per_s"] = best
-                    results["client"]["end_to_end_over_server_only"] = fastest / best
-    except ServeError as err:
+    except (ServeError, PerfAnalyzerError) as err:
         print(f"braintumor bench: {err}", file=sys.stderr)
         return 2
-    results["model"] = f"{NAME} version {published[-1]}"
-    print(format_table(results))
-    write_results(results, Path(args.out))
+    print(side_by_side.format_table(results))
+    side_by_side.write(results, Path(args.out))
     print(f"Wrote {args.out}/bench.json, bench.txt and bench.png")
     return 0
 
@@ -551,6 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-leak-free-accuracy", type=float, default=0.93)
     p.add_argument("--min-tumor-sensitivity", type=float, default=0.97)
     p.add_argument("--served-versions", type=int, default=2, help="latest versions Triton serves side by side")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="serve a static int8 quantization (fp32 kept as model.fp32.onnx); refused unless every test set and "
+        "subgroup figure stays within --int8-tolerance of fp32",
+    )
+    p.add_argument("--int8-tolerance", type=float, default=0.003, help="with --int8: 0.003 = 0.3 points")
+    p.add_argument("--calibration-images", type=int, default=512, help="with --int8: training images to calibrate")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("robustness", help="accuracy of a published version under scanner and acquisition shifts")
@@ -617,10 +621,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=_cmd_app)
 
-    p = sub.add_parser("bench", help="in-process ONNX Runtime versus Triton gRPC throughput and latency")
+    p = sub.add_parser(
+        "bench", help="side by side: in-process ONNX Runtime, Triton (perf_analyzer), preprocessing, FMA peak, memory"
+    )
     p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
     p.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="images to send (Testing split)")
-    p.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    p.add_argument(
+        "--seconds", type=float, default=5.0, help="seconds per in-process point and per perf_analyzer window (3 each)"
+    )
     p.add_argument("--out", default="docs/benchmarks", help="folder for bench.json, bench.txt, bench.png")
     p.add_argument(
         "--versions",
@@ -632,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--client",
         action="store_true",
-        help="also measure preprocessing speed and SDK end-to-end throughput over the Testing images",
+        help="also measure the SDK's end-to-end throughput over the Testing images",
     )
     p.set_defaults(func=_cmd_bench)
 

@@ -14,7 +14,11 @@ choice), ``inter_op_num_threads``, ``graph_optimization_level`` (``disable``, ``
 ``all``; default ``all``), ``allow_spinning`` (``1`` or ``0``: whether idle threads spin; default ``1``),
 ``enable_cpu_mem_arena`` (``1`` or ``0``; default ``1``), ``lean_outputs`` (comma-separated output names:
 a second session runs the graph cut down to them, for the requests that ask for nothing else; ONNX
-Runtime otherwise computes every output at every call).
+Runtime otherwise computes every output at every call), ``shadow`` (JSON set by ``braintumor serve --shadow``,
+see :mod:`braintumor_serving.shadow`: the named primary version copies each request's images and answer to a
+bounded queue once its answer is computed, and a background thread has the candidate answer them too and
+counts the agreement in Triton's metrics; nothing of it reaches the caller, and no shadow failure fails a
+request).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import queue
+import threading
 from typing import Any
 
 import numpy as np
@@ -70,6 +76,114 @@ def _options(params: dict[str, str]) -> ort.SessionOptions:
     return options
 
 
+class _Shadow:
+    """The primary's side of a shadow rollout: a bounded queue and the thread that feeds the candidate.
+
+    Args:
+        spec: the ``shadow`` parameter, parsed.
+        input_name: the model's input tensor.
+        output_name: the probabilities' tensor.
+        labels: the metrics' labels for this instance.
+        warmup_requests: how many requests Triton's warm-up sends this instance first (not shadowed).
+    """
+
+    def __init__(
+        self, spec: Any, input_name: str, output_name: str, labels: dict[str, str], warmup_requests: int
+    ) -> None:
+        from braintumor_serving import shadow
+
+        self.spec, self.input_name, self.output_name = spec, input_name, output_name
+        #: requests of Triton's warm-up still to come to this instance (a batch-B sample comes as B requests);
+        #: asking whether the model is READY instead breaks the stub while the server loads
+        self.warmup = warmup_requests
+        self.errors = 0
+        self._compare = shadow.compare
+        images = pb_utils.MetricFamily(
+            name=shadow.IMAGES,
+            description="images of the primary's requests, by shadow outcome",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        kinds = pb_utils.MetricFamily(
+            name=shadow.DISAGREEMENTS,
+            description="images the candidate answered differently, by kind",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        diff = pb_utils.MetricFamily(
+            name=shadow.ABS_DIFF_SUM,
+            description="sum of |candidate - primary| tumour probability",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        # the families must outlive their metrics (the stub refuses otherwise): keep them
+        self._families = (images, kinds, diff)
+        self.outcomes = {o: images.Metric(labels={**labels, "outcome": o}) for o in shadow.OUTCOMES}
+        self.kinds = {k: kinds.Metric(labels={**labels, "kind": k}) for k in shadow.KINDS}
+        self.abs_diff = diff.Metric(labels=labels)
+        self.queue: queue.Queue[tuple[np.ndarray, np.ndarray] | None] = queue.Queue(maxsize=spec.queue)
+        self.thread = threading.Thread(target=self._run, name="shadow", daemon=True)
+        self.thread.start()
+
+    def offer(self, images: np.ndarray, probabilities: np.ndarray) -> None:
+        """Queue one request's images and the primary's answer; drop (and count) them when the queue is full.
+
+        Args:
+            images: the request's input (copied: the request's memory is freed once it is answered).
+            probabilities: the primary's answer for them.
+        """
+        try:
+            if self.warmup > 0:  # Triton's warm-up requests (random pixels) are not shadowed
+                self.warmup -= 1
+                return
+            try:
+                self.queue.put_nowait((np.array(images, copy=True), np.array(probabilities, copy=True)))
+            except queue.Full:
+                self.outcomes["dropped"].increment(len(images))
+        except Exception as err:  # the shadow never fails the caller's request
+            pb_utils.Logger.log_warn(f"shadow: could not queue a request: {err}")
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            images, primary = item
+            try:
+                request = pb_utils.InferenceRequest(
+                    model_name=self.spec.candidate_model,
+                    model_version=int(self.spec.candidate_version),
+                    inputs=[pb_utils.Tensor(self.input_name, images)],
+                    requested_output_names=[self.output_name],
+                    timeout=int(self.spec.timeout_s * 1e6),
+                )
+                response = request.exec()
+                if response.has_error():
+                    raise RuntimeError(response.error().message())
+                candidate = pb_utils.get_output_tensor_by_name(response, self.output_name).as_numpy()
+                found = self._compare(primary, candidate, self.spec.probability_tolerance)
+            except Exception as err:  # any failure of the candidate is counted, never raised
+                self.outcomes["error"].increment(len(images))
+                if self.errors % 1000 == 0:  # the first, then every thousandth: a dead candidate must not flood the log
+                    pb_utils.Logger.log_warn(
+                        f"shadow: candidate {self.spec.candidate_model} version {self.spec.candidate_version} "
+                        f"failed ({self.errors + 1} failed requests so far): {err}"
+                    )
+                self.errors += 1
+                continue
+            self.outcomes["compared"].increment(found.images)
+            self.kinds["class"].increment(found.class_disagreements)
+            self.kinds["tumour"].increment(found.tumour_disagreements)
+            self.kinds["probability"].increment(found.probability_disagreements)
+            self.abs_diff.increment(found.abs_diff_sum)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread after the queued work (at most ``timeout`` seconds; the rest is abandoned).
+
+        Args:
+            timeout: seconds to wait.
+        """
+        try:
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self.thread.join(timeout)
+
+
 class TritonPythonModel:
     """Triton's python-backend model interface: ``initialize``, ``execute``, ``finalize``."""
 
@@ -105,6 +219,23 @@ class TritonPythonModel:
             self._warm_up(session, config, lean)
             self.sessions.append((lean, session))
         self.sessions.append((self.outputs, self.session))
+
+        self.shadow: _Shadow | None = None
+        if params.get("shadow"):
+            from braintumor_serving.shadow import ShadowSpec
+
+            spec = ShadowSpec.from_json(params["shadow"])
+            if int(args["model_version"]) == spec.primary:
+                labels = {
+                    "model": args["model_name"],
+                    "primary": str(spec.primary),
+                    "candidate": f"{spec.candidate_model}/{spec.candidate_version}",
+                    "model_instance": args["model_instance_name"],
+                }
+                warmup = sum(
+                    int(w.get("batch_size", 1)) * max(1, int(w.get("count", 1))) for w in config.get("model_warmup", [])
+                )
+                self.shadow = _Shadow(spec, self.inputs[0], self.outputs[0], labels, warmup)
 
     @staticmethod
     def _warm_up(session: ort.InferenceSession, config: dict[str, Any], outputs: list[str]) -> None:
@@ -154,9 +285,17 @@ class TritonPythonModel:
                     if name in wanted[k]
                 ]
                 responses[k] = pb_utils.InferenceResponse(output_tensors=tensors)
+                if self.shadow is not None:
+                    self.shadow.offer(
+                        feeds[self.inputs[0]][bounds[j] : bounds[j + 1]],
+                        results[self.outputs[0]][bounds[j] : bounds[j + 1]],
+                    )
         return responses
 
     def finalize(self) -> None:
-        """Release the ONNX Runtime sessions."""
+        """Stop the shadow thread and release the ONNX Runtime sessions."""
+        if self.shadow is not None:
+            self.shadow.close()
+            self.shadow = None
         self.session = None
         self.sessions = []

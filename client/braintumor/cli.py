@@ -335,7 +335,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"braintumor serve: ${args.admin_key_env} is empty or unset", file=sys.stderr)
             return 2
         config.admin_key = key
-    return serve(config, ready_timeout=args.ready_timeout, restart=policy)
+    if args.shadow is None:
+        return serve(config, ready_timeout=args.ready_timeout, restart=policy)
+    import tempfile
+
+    from braintumor_serving.shadow import ShadowError, shadow_repository
+
+    with tempfile.TemporaryDirectory(prefix="braintumor-shadow-") as folder:
+        config.repository = Path(folder) / "model_repository"
+        try:
+            spec = shadow_repository(Path(args.repository), args.shadow, config.repository, args.model_config_name)
+        except (ShadowError, OSError) as err:
+            print(f"braintumor serve: {err}", file=sys.stderr)
+            return 2
+        print(
+            f"Shadow: version {spec.primary} answers; {spec.candidate_model} (version {spec.candidate_version}) "
+            "gets a copy of its requests; agreement on the metrics port (braintumor_shadow_*)",
+            flush=True,
+        )
+        return serve(config, ready_timeout=args.ready_timeout, restart=policy)
 
 
 def _bench_pixels(data_dir: Path, n: int = 64):
@@ -590,6 +608,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="environment variable holding the admin key for the restricted APIs (default: a random key)",
     )
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    p.add_argument(
+        "--shadow",
+        type=int,
+        default=None,
+        metavar="N",
+        help="shadow rollout: serve version N as the model <name>_candidate, which gets a copy of the current "
+        "version's requests; callers never see its answers (see README: Shadow rollout)",
+    )
     p.add_argument(
         "--restart",
         default="no",

@@ -13,7 +13,7 @@ candidate (a BLS request) and counts, per image, in Triton's metrics (port 8002)
 - ``braintumor_shadow_disagreements_total{kind="class"|"tumour"|"probability"}``: a different top class; a
   different tumour decision (tumour probability ``1 − p(notumor)`` at or above 0.5 on one side only); a
   tumour probability that differs by more than ``probability_tolerance``;
-- ``braintumor_shadow_tumour_probability_abs_diff_sum``: the sum of ``|Δ tumour probability|``
+- ``braintumor_shadow_tumour_probability_abs_difference_total``: the sum of ``|Δ tumour probability|``
   (divided by the compared images: the mean).
 
 The candidate's answers never reach a caller, and a shadow failure never fails a caller's request. The
@@ -44,7 +44,7 @@ PARAMETER = "shadow"
 CANDIDATE_SUFFIX = "_candidate"
 IMAGES = "braintumor_shadow_images_total"
 DISAGREEMENTS = "braintumor_shadow_disagreements_total"
-ABS_DIFF_SUM = "braintumor_shadow_tumour_probability_abs_diff_sum"
+ABS_DIFF_SUM = "braintumor_shadow_tumour_probability_abs_difference_total"
 OUTCOMES = ("compared", "error", "dropped")
 KINDS = ("class", "tumour", "probability")
 #: Disagreement rate above which the report's verdict (and the alert rule) says the candidate is not ready.

@@ -19,13 +19,13 @@ import pytest
 pytest.importorskip("pytriton")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
-from helpers import copy_repository, free_ports  # noqa: E402
-from synthetic import random_slice  # noqa: E402
+from helpers import copy_repository, free_ports
 
-from braintumor.config import DEFAULT_DATA_DIR, DEFAULT_MODEL_REPOSITORY, NO_TUMOR_INDEX  # noqa: E402
-from braintumor.preprocessing import Preprocessing  # noqa: E402
-from braintumor_serving import shadow  # noqa: E402
-from braintumor_serving.triton import ServerConfig, TritonServer  # noqa: E402
+from braintumor.config import DEFAULT_DATA_DIR, DEFAULT_MODEL_REPOSITORY, NO_TUMOR_INDEX
+from braintumor.preprocessing import Preprocessing
+from braintumor_serving import shadow
+from braintumor_serving.triton import ServerConfig, TritonServer
+from synthetic import random_slice
 
 PRIMARY, CANDIDATE = 3, 4
 BATCHES = (1, 3, 8, 1, 5, 2, 12)  # 32 images, in requests of several sizes

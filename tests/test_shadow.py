@@ -9,7 +9,11 @@ version 4 asked directly as the candidate model), and an absent candidate only c
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -94,6 +98,20 @@ def test_disagreement_metrics_count_exactly_what_the_versions_disagree_on(source
         version, candidate = _infer(client, "braintumor_candidate", images)
         assert version == str(CANDIDATE)
         summary = shadow.summarise(shadow.read_counters(server.config.metrics_url))
+        report = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "braintumor_serving.shadow",
+                "report",
+                "--metrics",
+                server.config.metrics_url,
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     # the callers' answers are the primary's own, never the candidate's
     import onnxruntime as ort
@@ -114,6 +132,36 @@ def test_disagreement_metrics_count_exactly_what_the_versions_disagree_on(source
     assert {k: counters[k] for k in expected} == expected
     assert counters["abs_diff_sum"] == pytest.approx(float(np.abs(tumour_p - tumour_c).sum()), rel=1e-4, abs=1e-4)
     assert summary["compared"] == len(images) and summary["disagreements"]["class"]["count"] == expected["class"]
+    printed = json.loads(report.stdout)
+    assert printed["disagreements"]["tumour"]["count"] == expected["tumour"] and printed["compared"] == len(images)
+    assert report.returncode == {"pass": 0, "fail": 1, "undecided": 3}[printed["verdict"]]
+
+
+def test_serve_shadow_command_serves_the_primary_and_refuses_an_unknown_candidate(source, tmp_path):
+    command = [sys.executable, "-m", "braintumor.cli", "serve", "--repository", str(source)]
+    refused = subprocess.run([*command, "--shadow", "7"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "version 7 of braintumor is not in" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+    http, grpc, metrics = free_ports(3)
+    ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([*command, *ports, "--shadow", str(CANDIDATE)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while "Triton is ready" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        assert f"Shadow: version {PRIMARY} answers" in log.read_text()
+        assert f"braintumor (versions {PRIMARY}), braintumor_candidate (versions {CANDIDATE})" in log.read_text()
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
+        version, _ = _infer(client, "braintumor", _images(6, source))
+        assert version == str(PRIMARY)
+        assert _wait_for(f"http://127.0.0.1:{metrics}/metrics", 6)["compared"] == 6
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
 
 
 def test_an_absent_candidate_counts_errors_and_fails_no_request(source, tmp_path):

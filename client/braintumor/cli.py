@@ -344,7 +344,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="braintumor-shadow-") as folder:
         config.repository = Path(folder) / "model_repository"
         try:
-            spec = shadow_repository(Path(args.repository), args.shadow, config.repository, args.model_config_name)
+            spec = shadow_repository(
+                Path(args.repository), args.shadow, config.repository, config_name=args.model_config_name
+            )
         except (ShadowError, OSError) as err:
             print(f"braintumor serve: {err}", file=sys.stderr)
             return 2

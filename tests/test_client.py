@@ -23,7 +23,7 @@ pydicom = pytest.importorskip("pydicom")
 ort = pytest.importorskip("onnxruntime")
 from pydicom import examples
 
-from braintumor._model_check import check_model
+from braintumor._core import check_model
 from braintumor.aio import AsyncTumorClassifier
 from braintumor.classifier import TumorClassifier
 from braintumor.config import IMAGE_SIZE, LABELS, MODEL_NAME

@@ -77,7 +77,7 @@ def test_overlay_and_explain_errors(triton, tmp_path):
     with pytest.raises(ValueError, match="explain=True"):
         overlay(image, plain)
     with pytest.raises(ModelMismatchError, match="cannot explain"):
-        from braintumor._model_check import ServedModel, requested_outputs
+        from braintumor._core import ServedModel, requested_outputs
 
         requested_outputs(ServedModel("old", ("1",), 160, 32, heatmap_size=0), True, None)
 

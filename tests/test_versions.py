@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException
 
-from braintumor._model_check import check_model
+from braintumor._core import check_model
 from braintumor.cli import _card_section
 from braintumor.errors import ModelNotReadyError, ServerUnavailableError, from_triton
 from braintumor.preprocessing import Preprocessing

@@ -2,7 +2,8 @@
 
 Every error the SDK raises is a :class:`BrainTumorError`; catch that to handle them all, or a subclass to
 handle one case. ``status`` is the gRPC status name (``INVALID_ARGUMENT``, ``UNAVAILABLE``, …) so that
-errors map one-to-one onto the protocol, whichever side raised them.
+errors map one-to-one onto the protocol, whichever side raised them; :func:`http_status` maps it onto HTTP,
+and :func:`retry_delay` is the one retry policy over those statuses.
 """
 
 from __future__ import annotations
@@ -71,6 +72,25 @@ class InferenceError(BrainTumorError):
 #: gRPC status codes worth retrying: the request did not run, and may succeed later.
 RETRYABLE_STATUSES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED"})
 
+#: The HTTP status that answers an SDK error's gRPC status (the web app's, for instance); others: 502.
+HTTP_STATUSES: dict[str, int] = {
+    "INVALID_ARGUMENT": 422,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+    "FAILED_PRECONDITION": 502,
+}
+#: The HTTP status of an SDK error whose gRPC status :data:`HTTP_STATUSES` does not name (a bad gateway).
+DEFAULT_HTTP_STATUS = 502
+
+
+def http_status(error: BrainTumorError) -> int:
+    """The HTTP status a web front answers ``error`` with.
+
+    Args:
+        error: any SDK error.
+    """
+    return HTTP_STATUSES.get(error.status, DEFAULT_HTTP_STATUS)
+
 
 def from_triton(error: Exception, *, during: str) -> BrainTumorError:
     """Translate a ``tritonclient`` exception into the matching SDK error.
@@ -99,6 +119,13 @@ def retry_delay(error: Exception, *, during: str, attempt: int, retries: int, ba
 
     Only :data:`RETRYABLE_STATUSES` are retried, ``retries`` times at most, waiting ``backoff`` seconds
     first and twice as long each time after.
+
+    Args:
+        error: what tritonclient raised.
+        during: what the SDK was doing, for the message.
+        attempt: the attempt that failed, from 0.
+        retries: further attempts allowed after the first.
+        backoff: the first wait, in seconds.
 
     Raises:
         BrainTumorError: the translated error, when it is not retryable or the retries are spent.

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from braintumor.config import IMAGE_SUFFIXES, LABELS, MODEL_NAME
+from braintumor.config import DEFAULT_URL, IMAGE_SUFFIXES, LABELS, MODEL_NAME
 from braintumor.errors import BrainTumorError
 
 #: Suffixes picked up when a folder is given (DICOM files too).
@@ -39,7 +39,7 @@ def expand_paths(arguments: Iterable[str]) -> list[tuple[str, Path | None]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``predict`` subcommand's options."""
     parser.add_argument("paths", nargs="+", help="image or DICOM files, folders, or glob patterns")
-    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (default 127.0.0.1:8001)")
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
     parser.add_argument("--model", default=MODEL_NAME)
     parser.add_argument("--model-version", default=None, help="pin a version (default: the latest served)")
     parser.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, in seconds")

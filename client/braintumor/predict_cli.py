@@ -58,6 +58,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-cert", default=None, help="PEM client certificate (mutual TLS)")
 
 
+def define(name: str, parser: argparse.ArgumentParser) -> None:
+    """Add the ``predict`` command's arguments to its parser, and :func:`run` (for :mod:`braintumor.cli`).
+
+    Args:
+        name: ``predict``.
+        parser: the command's parser.
+    """
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
 def _classify(
     classifier: Any, path: str, file: Path | None, frame: int | None, explain_dir: Path | None
 ) -> dict[str, Any]:

@@ -31,6 +31,7 @@ NOTICE = (
     "reader must review every scan. Results were validated on one public dataset of 2-D slices only."
 )
 
+
 def create_app(url: str = DEFAULT_URL, model_version: str | None = None, timeout: float = 15.0) -> FastAPI:
     """Build the web application.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from typing import TypeVar, Unpack
 
 import numpy as np
@@ -25,7 +26,7 @@ from braintumor.preprocessing import ImageSource
 T = TypeVar("T")
 
 
-class TumorClassifier(ClientCore):
+class TumorClassifier(ClientCore, AbstractContextManager):
     """Classify MRI slices with the model served by Triton, over gRPC.
 
     Args: see :class:`braintumor._core.ClientCore` (``url``, ``model_name``, ``model_version``, ``timeout``,
@@ -43,6 +44,7 @@ class TumorClassifier(ClientCore):
 
     transport = grpcclient
     connects_on_init = True
+    # ``with TumorClassifier(...) as classifier``: AbstractContextManager's __enter__ returns the client.
 
     def _call(self, fn: Callable[[], T], during: str) -> T:
         for attempt in self._attempts(during):
@@ -87,9 +89,6 @@ class TumorClassifier(ClientCore):
     def close(self) -> None:
         """Close the gRPC channel."""
         self._client.close()
-
-    def __enter__(self) -> TumorClassifier:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()

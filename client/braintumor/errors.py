@@ -29,44 +29,38 @@ class BrainTumorError(Exception):
             self.status = status
         self.details = details or {}
 
+    def __init_subclass__(cls, status: str | None = None, **kwargs: Any) -> None:
+        """A named error says its gRPC status in its class line: ``class X(BrainTumorError, status="...")``."""
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status = status
+
     def __str__(self) -> str:
         return self.message
 
 
-class InvalidImageError(BrainTumorError, ValueError):
+class InvalidImageError(BrainTumorError, ValueError, status="INVALID_ARGUMENT"):
     """The input is not a usable image (unreadable, truncated, too large, too small, no pixel data)."""
 
-    status = "INVALID_ARGUMENT"
 
-
-class ServerUnavailableError(BrainTumorError, ConnectionError):
+class ServerUnavailableError(BrainTumorError, ConnectionError, status="UNAVAILABLE"):
     """The server cannot be reached (down, wrong address, TLS mismatch)."""
 
-    status = "UNAVAILABLE"
 
-
-class ModelNotReadyError(BrainTumorError):
+class ModelNotReadyError(BrainTumorError, status="UNAVAILABLE"):
     """The server is up but the model (or the requested version) is not loaded and ready."""
 
-    status = "UNAVAILABLE"
 
-
-class ModelMismatchError(BrainTumorError):
+class ModelMismatchError(BrainTumorError, status="FAILED_PRECONDITION"):
     """The served model's inputs or outputs are not what this SDK sends and reads."""
 
-    status = "FAILED_PRECONDITION"
 
-
-class DeadlineExceededError(BrainTumorError, TimeoutError):
+class DeadlineExceededError(BrainTumorError, TimeoutError, status="DEADLINE_EXCEEDED"):
     """A call did not finish within its deadline."""
 
-    status = "DEADLINE_EXCEEDED"
 
-
-class InferenceError(BrainTumorError):
+class InferenceError(BrainTumorError, status="INTERNAL"):
     """The server refused or failed an inference request."""
-
-    status = "INTERNAL"
 
 
 #: gRPC status codes worth retrying: the request did not run, and may succeed later.

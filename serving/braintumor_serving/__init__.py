@@ -3,5 +3,7 @@
 :mod:`braintumor_serving.triton` starts the ``tritonserver`` binary bundled in the ``nvidia-pytriton``
 wheel on this machine's CPU; :mod:`braintumor_serving.backends` holds the python-based
 ``onnxruntime_python`` backend that lets that bundle (which has only the python backend) serve the
-same ONNX files as the GPU container.
+same ONNX files as the GPU container. :mod:`braintumor_serving.model_config` renders the repository's Triton
+configurations (``braintumor export`` publishes with it), and :mod:`braintumor_serving.cli` defines the ``serve``
+and ``bench`` commands. This package imports only the client SDK (:mod:`braintumor`), never the training one.
 """

@@ -14,9 +14,11 @@ Example::
         print(classifier.predict("scan.jpg").label)
 """
 
-from braintumor._core import ServedModel, Strategy
-from braintumor.aio import AsyncTumorClassifier
-from braintumor.classifier import TumorClassifier
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from braintumor.config import DEFAULT_URL, IMAGE_SIZE, LABELS, MODEL_NAME, NO_TUMOR_LABEL
 from braintumor.errors import (
     BrainTumorError,
@@ -30,6 +32,34 @@ from braintumor.errors import (
 )
 from braintumor.prediction import Prediction
 from braintumor.preprocessing import Preprocessing, load_image, preprocess, preprocess_batch
+
+if TYPE_CHECKING:
+    from braintumor._core import ServedModel, Strategy
+    from braintumor.aio import AsyncTumorClassifier
+    from braintumor.classifier import TumorClassifier
+
+#: The clients, imported on first use: ``import braintumor.config`` (training, the server launcher) then does not
+#: load gRPC and tritonclient.
+_LAZY = {
+    "AsyncTumorClassifier": "braintumor.aio",
+    "ServedModel": "braintumor._core",
+    "Strategy": "braintumor._core",
+    "TumorClassifier": "braintumor.classifier",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The clients of :data:`__all__`, imported when first asked for.
+
+    Args:
+        name: the attribute asked for.
+    """
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'braintumor' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

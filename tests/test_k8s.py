@@ -21,7 +21,12 @@ from braintumor_serving.triton import ServerConfig, TritonServer
 K8S = PROJECT_ROOT / "deploy" / "k8s"
 TOOLS = PROJECT_ROOT / ".tools" / "bin"
 KUBERNETES_VERSION = "1.31.0"
-TARGETS = {"gpu": K8S / "overlays" / "gpu", "cpu": K8S / "overlays" / "cpu", "tfserving": K8S / "tfserving"}
+TARGETS = {
+    "gpu": K8S / "overlays" / "gpu",
+    "cpu": K8S / "overlays" / "cpu",
+    "cpu-ingress": K8S / "overlays" / "cpu-ingress",
+    "tfserving": K8S / "tfserving",
+}
 RESTRICTED = "model-repository,shared-memory,statistics,trace,logging:admin-key=$(ADMIN_KEY)"
 
 
@@ -47,6 +52,11 @@ def rendered(tmp_path_factory) -> dict[str, tuple[Path, list[dict]]]:
 
 def _one(docs: list[dict], kind: str) -> dict:
     (found,) = [d for d in docs if d["kind"] == kind]
+    return found
+
+
+def _named(docs: list[dict], kind: str, name: str) -> dict:
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
     return found
 
 
@@ -108,7 +118,7 @@ def test_ports_probes_and_flags_match_the_serving_code(rendered, name):
     ports = {"http": defaults.http_port, "grpc": defaults.grpc_port, "metrics": defaults.metrics_port}
     container = _container(docs)
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == ports
-    service = _one(docs, "Service")
+    service = _named(docs, "Service", "braintumor")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
     assert {p["name"]: p.get("appProtocol") for p in service["spec"]["ports"]}["grpc"] == "kubernetes.io/h2c"
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -197,3 +207,50 @@ def test_tfserving_serves_the_exported_savedmodel(rendered):
     assert "max_batch_size { value: 32 }" in config["batching.config"]
     assert 'path: "/monitoring/prometheus/metrics"' in config["monitoring.config"]
     assert (PROJECT_ROOT / "deploy" / "tfserving" / "models" / MODEL_NAME / "1" / "saved_model.pb").exists()
+
+
+@pytest.mark.parametrize("name", ["gpu", "cpu"])
+def test_rollouts_drain_pods_and_a_headless_service_lists_the_ready_ones(rendered, name):
+    from braintumor_serving.drain import parser
+
+    _, docs = rendered[name]
+    deployment = _one(docs, "Deployment")
+    spec = deployment["spec"]
+    assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0} and spec["minReadySeconds"] > 0
+    container = _container(docs)
+    hook = container["lifecycle"]["preStop"]["exec"]["command"]
+    grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
+    triton_exit_timeout = 30  # tritonserver's --exit-timeout-secs default: its own graceful stop
+    if name == "cpu":  # the drain module, reading this pod's metrics port, within the grace period
+        assert hook[:3] == ["python", "-m", "braintumor_serving.drain"]
+        args = parser().parse_args(hook[3:])
+        assert args.metrics_url == f"http://127.0.0.1:{ServerConfig().metrics_port}/metrics"
+        assert args.wait > 0 and args.wait + args.timeout + triton_exit_timeout < grace
+    else:
+        assert hook[0] == "sleep" and int(hook[1]) + triton_exit_timeout < grace
+    headless = _named(docs, "Service", "braintumor-headless")["spec"]
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is False
+    assert headless["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert {p["name"]: p["port"] for p in headless["ports"]} == {"http": ports["http"], "grpc": ports["grpc"]}
+
+
+def test_ingress_nginx_balances_grpc_and_http_per_request(rendered):
+    from braintumor_serving.balancer import default_body_bytes
+
+    _, docs = rendered["cpu-ingress"]
+    service = _named(docs, "Service", "braintumor")
+    for ingress_name, port, protocol in (("braintumor-grpc", "grpc", "GRPC"), ("braintumor-http", "http", None)):
+        ingress = _named(docs, "Ingress", ingress_name)
+        notes = ingress["metadata"]["annotations"]
+        assert notes.get("nginx.ingress.kubernetes.io/backend-protocol") == protocol
+        assert (
+            int(notes["nginx.ingress.kubernetes.io/proxy-body-size"].removesuffix("m")) * 2**20 >= default_body_bytes()
+        )
+        assert "non_idempotent" in notes["nginx.ingress.kubernetes.io/proxy-next-upstream"]
+        assert ingress["spec"]["tls"][0]["secretName"]
+        backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+        assert backend["name"] == service["metadata"]["name"]
+        assert (
+            backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]} and backend["port"]["name"] == port
+        )

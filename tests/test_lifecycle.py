@@ -432,6 +432,27 @@ def test_stale_cleanup_removes_only_this_projects_orphans(tmp_path):
             path.unlink(missing_ok=True)
 
 
+def test_a_region_made_while_the_stale_check_runs_is_kept(monkeypatch):
+    """Two servers starting at once: the second's first region appears just after the first's start-up check
+    read the processes. Regions are listed before the processes are read, so it is never taken for stale."""
+    made: list[Path] = []
+    read_processes = lifecycle.processes
+
+    def snapshot_then_a_server_starts() -> list:
+        seen = read_processes()
+        made.append(fake_region(f"{new_prefix()}{uuid.uuid4()}"))  # its server is not in `seen`
+        return seen
+
+    monkeypatch.setattr(lifecycle, "processes", snapshot_then_a_server_starts)
+    try:
+        stale = lifecycle.stale_regions()
+        assert len(made) == 1 and made[0].exists()
+        assert made[0] not in stale
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)
+
+
 def test_cleanup_takes_a_stub_still_in_its_bash_stage_but_never_the_watchdog():
     """A stub on its way to ``exec`` is a ``bash -c "exec <stub> ..."`` carrying the server's prefix: it is
     the server's and is killed; the watchdog carries the prefix too and is left to end by itself."""

@@ -8,7 +8,10 @@ from braintumor.config import IMAGE_SIZE
 from braintumor.preprocessing import (
     InvalidImageError,
     Preprocessing,
+    _main_components,
+    _percentiles,
     head_box,
+    load_image,
     preprocess,
     preprocess_batch,
     stretch_intensity,
@@ -160,3 +163,115 @@ def test_preprocessing_is_deterministic_and_keeps_shape_for_any_source():
     image.save(buffer, format="PNG")
     np.testing.assert_array_equal(first, HEAD_AND_NORMALISE(buffer.getvalue()))
     assert 0 < box[0] < box[2] < 512 and 0 < box[1] < box[3] < 384
+
+
+# -- exact library replacements and reduced-size JPEG decoding --------------------------------------------------
+@pytest.mark.parametrize("seed", range(40))
+def test_histogram_percentiles_equal_numpy_percentile_bit_for_bit(seed):
+    rng = np.random.default_rng(seed)
+    count = int(rng.choice([1, 2, 3, 7, 100, 4096, int(rng.integers(1, 300_000))]))
+    kind = seed % 4
+    if kind == 0:
+        values = rng.integers(0, 256, count)
+    elif kind == 1:  # mostly black, as a slice's background
+        values = np.where(rng.random(count) < 0.7, 0, rng.integers(0, 256, count))
+    elif kind == 2:
+        values = np.clip(rng.normal(rng.uniform(0, 255), rng.uniform(0.1, 40), count), 0, 255)
+    else:
+        values = rng.choice(rng.integers(0, 256, 3), count)
+    values = values.astype(np.uint8)
+    percents = (0, 1, 50, 99, 99.5, 100, *rng.uniform(0, 100, 6))
+    found = _percentiles(np.bincount(values, minlength=256), percents)
+    expected = np.percentile(values.astype(np.float32), percents)
+    assert [v.tobytes() for v in found] == [v.tobytes() for v in expected]
+
+
+def test_main_components_keep_large_parts_and_drop_specks():
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[10:50, 10:50] = True  # the head: 1600 pixels
+    mask[55:60, 55:60] = True  # 25 pixels, apart: dropped (< 10 %)
+    mask[2:14, 54:62] = True  # 96 pixels: dropped
+    mask[52:64, 0:14] = True  # 168 pixels: kept (>= 10 %)
+    mask[50, 30] = mask[51, 31] = True  # touches the head; the second only diagonally: dropped
+    kept = _main_components(mask)
+    expected = np.zeros_like(mask)
+    expected[10:50, 10:50] = expected[52:64, 0:14] = expected[50, 30] = True
+    np.testing.assert_array_equal(kept, expected)
+    assert not _main_components(np.zeros((8, 8), dtype=bool)).any()
+
+
+def _jpeg(side: int, seed: int = 5, mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    random_slice(np.random.default_rng(seed), side).convert(mode).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_jpeg_draft_round_trips_and_is_published_only_when_on():
+    spec = Preprocessing(160, crop_to_head=True, normalize_intensity=True, jpeg_draft=True)
+    assert spec.to_dict()["jpeg_draft"] is True
+    assert Preprocessing.from_json(spec.to_json()) == spec
+    # off (the default) it is not published: versions 1-3 keep their parameters, and older SDKs read them
+    assert "jpeg_draft" not in Preprocessing(160, crop_to_head=True).to_json()
+    assert Preprocessing.from_dict({"size": 160, "jpeg_draft": False}) == Preprocessing(160)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, [True]])
+def test_a_bad_jpeg_draft_value_is_refused(value):
+    with pytest.raises(ValueError, match=r"jpeg_draft must be true or false"):
+        Preprocessing.from_dict({"size": 160, "jpeg_draft": value})
+
+
+def test_draft_side_keeps_a_head_crop_at_the_output_size():
+    assert Preprocessing(160, crop_to_head=True, jpeg_draft=True).draft_side == 240
+    assert Preprocessing(160, jpeg_draft=True).draft_side == 160
+    assert Preprocessing(160, crop_to_head=True).draft_side is None
+    assert load_image(_jpeg(512), draft_side=240).size == (256, 256)  # 1/4 would give 128 < 240
+    assert load_image(_jpeg(512), draft_side=160).size == (256, 256)
+    assert load_image(_jpeg(512), draft_side=64).size == (64, 64)
+    assert load_image(_jpeg(224), draft_side=240).size == (224, 224)  # never below the requested side
+
+
+def test_jpeg_draft_tensor_shape_dtype_and_closeness_to_full_decoding():
+    data = _jpeg(512)
+    for crop in (False, True):
+        full = Preprocessing(160, crop_to_head=crop, normalize_intensity=crop)(data)
+        drafted = Preprocessing(160, crop_to_head=crop, normalize_intensity=crop, jpeg_draft=True)(data)
+        assert drafted.shape == (160, 160, 3) and drafted.dtype == np.uint8
+        assert (drafted[:, :, 0] == drafted[:, :, 2]).all()
+        assert not np.array_equal(drafted, full)  # the decoding really was reduced
+        assert _mean_abs_diff(drafted, full) < 3.0
+
+
+def test_jpeg_draft_leaves_other_formats_and_decoded_images_alone():
+    image = random_slice(np.random.default_rng(6), 512)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    on, off = (Preprocessing(160, crop_to_head=True, jpeg_draft=flag) for flag in (True, False))
+    np.testing.assert_array_equal(on(buffer.getvalue()), off(buffer.getvalue()))
+    np.testing.assert_array_equal(on(image), off(image))
+
+
+@pytest.mark.parametrize("jpeg_draft", [False, True])
+def test_one_image_the_batch_and_the_training_dataset_give_the_same_tensor(tmp_path, jpeg_draft):
+    from braintumor_training.dataset import ImageRecord, load_arrays
+
+    spec = Preprocessing(160, crop_to_head=True, normalize_intensity=True, jpeg_draft=jpeg_draft)
+    paths = []
+    for i, side in enumerate((512, 224)):
+        paths.append(tmp_path / f"slice{i}.jpg")
+        paths[-1].write_bytes(_jpeg(side, seed=10 + i, mode="RGB"))
+    single = np.stack([spec(path) for path in paths])
+    np.testing.assert_array_equal(preprocess_batch(paths, preprocessing=spec), single)
+    records = [ImageRecord(path.name, "Training", "glioma") for path in paths]
+    pixels, _ = load_arrays(tmp_path, records, preprocessing=spec, workers=2)
+    np.testing.assert_array_equal(pixels, single)
+    np.testing.assert_array_equal(spec(paths[0].read_bytes()), single[0])
+
+
+def test_preprocessing_benchmark_reports_every_parameter_set_and_agrees_with_the_old_implementation():
+    bench = pytest.importorskip("braintumor_serving.bench")
+    results = bench.bench_preprocessing(seconds=0.1, side=320)
+    for size in (320, 224):
+        for name in ("v1", "v1_jpeg_draft", "v2_v3", "v2_v3_jpeg_draft"):
+            assert results[f"ms_{size}_{name}"] > 0
+    assert results["ms_320_v2_v3_before_14"] > 0 and results["rounds"] >= 20

@@ -64,7 +64,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("serve", "run the model repository on the embedded Triton server (CPU)", _SERVING, "serve"),
     Command("predict", "classify images, folders or globs with a running server", "braintumor.predict_cli"),
     Command("app", "the clinicians' web page (calls the Triton server through the SDK)", __name__),
-    Command("bench", "in-process ONNX Runtime versus Triton gRPC throughput and latency", _SERVING, "serve"),
+    Command(
+        "bench",
+        "side by side: in-process ONNX Runtime, Triton (perf_analyzer), preprocessing, FMA peak, memory",
+        _SERVING,
+        "serve",
+    ),
     Command("pacs", "follow an Orthanc PACS: classify each stable MR series, write SR and overlay back", __name__),
 )
 

@@ -2,7 +2,7 @@
 
 A served model takes uint8 pixels (scaling to the network's range happens inside the model), so
 preprocessing is: decode, convert to 8-bit grey, resize to the model's square input (bilinear) and
-repeat the grey channel three times. It is pure Pillow/NumPy, so it is bit-exact wherever it runs.
+repeat the grey channel three times. It is pure Pillow/NumPy/SciPy, so it is bit-exact wherever it runs.
 
 Decoding accepts paths, bytes, Pillow images and NumPy arrays; JPEG, PNG, BMP, TIFF and anything else
 Pillow reads, in 8 or 16 bits, grey, RGB, RGBA, palette or CMYK; and DICOM through pydicom (rescale
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from os import PathLike
 from pathlib import Path
@@ -32,6 +34,9 @@ ImageSource = str | PathLike | bytes | Image.Image | np.ndarray
 MAX_PIXELS = 8192 * 8192
 #: Smallest side accepted, in pixels: smaller images hold no usable anatomy.
 MIN_SIDE = 16
+#: With ``jpeg_draft`` and ``crop_to_head``, a JPEG is decoded with at least this many times the output size
+#: on its shorter side, so that a head filling two thirds of the slice still gets ``size`` pixels or more.
+DRAFT_HEAD_ALLOWANCE = 1.5
 
 __all__ = [
     "MAX_PIXELS",
@@ -56,13 +61,16 @@ def _describe(source: ImageSource) -> str:
     return "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
 
 
-def load_image(source: ImageSource, frame: int | None = None) -> Image.Image:
+def load_image(source: ImageSource, frame: int | None = None, draft_side: int | None = None) -> Image.Image:
     """Decode ``source`` into a Pillow image.
 
     Args:
         source: a file path, encoded bytes (any Pillow format, or DICOM), a Pillow image, or a NumPy
             array (H×W or H×W×C with C in 1, 3, 4; uint8 or uint16).
         frame: which frame of a multi-frame image (DICOM, TIFF) to use; required when there are several.
+        draft_side: when given, a JPEG file or bytes is decoded straight to grey (its luma) and at the
+            smallest DCT scale (1/8, 1/4, 1/2 or 1) that keeps its shorter side at least ``draft_side``
+            pixels (Pillow's ``Image.draft``). This changes the pixels; other formats ignore it.
 
     Returns:
         A fully loaded Pillow image.
@@ -75,12 +83,12 @@ def load_image(source: ImageSource, frame: int | None = None) -> Image.Image:
     elif isinstance(source, np.ndarray):
         image = _array_to_image(source)
     else:
-        image = _decode(source, frame)
+        image = _decode(source, frame, draft_side)
     _check_size(image)
     return image
 
 
-def _decode(source: str | PathLike | bytes, frame: int | None) -> Image.Image:
+def _decode(source: str | PathLike | bytes, frame: int | None, draft_side: int | None = None) -> Image.Image:
     name = _describe(source)
     try:
         data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
@@ -104,6 +112,8 @@ def _decode(source: str | PathLike | bytes, frame: int | None) -> Image.Image:
                 if frame is None:
                     raise InvalidImageError(f"{name} has {frames} frames: choose one (frame=0..{frames - 1})")
                 image.seek(frame)
+            if draft_side and image.format == "JPEG":
+                image.draft("L", (draft_side, draft_side))
             image.load()
     except InvalidImageError:
         raise
@@ -184,6 +194,9 @@ def to_grey(image: Image.Image) -> Image.Image:
     8-bit images go through Pillow's own conversion (ITU-R 601-2 luma for colour; palette and CMYK via
     RGB). Images with more than 8 bits (``I;16``, ``I``, ``F``) are stretched from their minimum to their
     maximum, as a viewer's default window would.
+
+    Args:
+        image: a decoded image of any mode.
     """
     if image.mode == "L":
         return image
@@ -201,7 +214,7 @@ def to_grey(image: Image.Image) -> Image.Image:
 class Preprocessing:
     """How raw images become one model version's input: the shared preprocessing, with its parameters.
 
-    Every step is pure Pillow/NumPy and deterministic, so training, evaluation and every client produce
+    Every step is pure Pillow/NumPy/SciPy and deterministic, so training, evaluation and every client produce
     bit-identical tensors. The parameters are published with each model version (``preprocessing.json``
     beside its model, and a ``preprocessing`` parameter of its Triton configuration that the SDK reads), so
     each served version gets exactly the preprocessing it was trained with.
@@ -213,22 +226,45 @@ class Preprocessing:
             changes what the model sees.
         normalize_intensity: stretch the cropped image's 1st–99.5th intensity percentiles to 0–255, so
             that a scanner's or viewer's brightness and contrast no longer change what the model sees.
+        jpeg_draft: decode JPEG files and bytes at a reduced DCT scale, straight to grey (see
+            :attr:`draft_side`): faster for large JPEGs, but the pixels differ from a full decoding, so it is
+            a parameter of a model version like the others. Published only when true, so versions without
+            it keep their published parameters (and older SDKs keep reading them).
     """
 
     size: int = IMAGE_SIZE
     crop_to_head: bool = False
     normalize_intensity: bool = False
+    jpeg_draft: bool = False
+
+    @property
+    def draft_side(self) -> int | None:
+        """The shorter side a JPEG is decoded to at least with :attr:`jpeg_draft` (else ``None``): the output
+        size, times :data:`DRAFT_HEAD_ALLOWANCE` when cropping to the head (the crop must keep ``size``
+        pixels). A 512-pixel slice then decodes at 256 for a 160-pixel crop; a 224-pixel one is not reduced.
+        """
+        if not self.jpeg_draft:
+            return None
+        return math.ceil(self.size * DRAFT_HEAD_ALLOWANCE) if self.crop_to_head else self.size
 
     def __call__(self, source: ImageSource, frame: int | None = None) -> np.ndarray:
         """Turn one image into the model's input tensor: ``uint8`` of shape ``(size, size, 3)``.
 
+        Args:
+            source: anything :func:`load_image` accepts.
+            frame: the frame of a multi-frame image.
+
         Raises:
             InvalidImageError: when the input is not a usable image.
         """
-        return self.apply(to_grey(load_image(source, frame)))[0]
+        return self.apply(to_grey(load_image(source, frame, self.draft_side)))[0]
 
     def apply(self, grey: Image.Image) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-        """Preprocess an 8-bit grey image; also return the box ``(left, top, right, bottom)`` it kept."""
+        """Preprocess an 8-bit grey image; also return the box ``(left, top, right, bottom)`` it kept.
+
+        Args:
+            grey: an already decoded image of mode ``L`` (:attr:`jpeg_draft` plays no part here).
+        """
         box = head_box(grey) if self.crop_to_head else (0, 0, grey.width, grey.height)
         if box != (0, 0, grey.width, grey.height):
             grey = grey.crop(box)
@@ -240,8 +276,11 @@ class Preprocessing:
         return np.repeat(pixels[:, :, None], CHANNELS, axis=2), box
 
     def to_dict(self) -> dict[str, int | bool]:
-        """The parameters, as published with a model version."""
-        return asdict(self)
+        """The parameters, as published with a model version (``jpeg_draft`` only when true)."""
+        values = asdict(self)
+        if not self.jpeg_draft:
+            del values["jpeg_draft"]
+        return values
 
     def to_json(self) -> str:
         """The parameters as compact JSON (the form of the Triton configuration parameter)."""
@@ -250,6 +289,9 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
         """Parameters published with a model version.
+
+        Args:
+            values: the parsed ``preprocessing.json``; missing parameters take their defaults.
 
         Raises:
             ValueError: on an unknown parameter (so that a newer model is never fed older preprocessing)
@@ -263,7 +305,7 @@ class Preprocessing:
         size = values.get("size", IMAGE_SIZE)
         if not isinstance(size, int) or isinstance(size, bool) or size < MIN_SIDE:
             raise ValueError(f"preprocessing size must be an integer of at least {MIN_SIDE}, got {size!r}")
-        flags = {name: values.get(name, False) for name in ("crop_to_head", "normalize_intensity")}
+        flags = {name: values.get(name, False) for name in ("crop_to_head", "normalize_intensity", "jpeg_draft")}
         for name, flag in flags.items():
             if not isinstance(flag, bool):
                 raise ValueError(f"preprocessing {name} must be true or false, got {flag!r}")
@@ -271,7 +313,11 @@ class Preprocessing:
 
     @classmethod
     def from_json(cls, text: str) -> Preprocessing:
-        """Parse :meth:`to_json`'s form (see :meth:`from_dict`)."""
+        """Parse :meth:`to_json`'s form (see :meth:`from_dict`).
+
+        Args:
+            text: the JSON object.
+        """
         return cls.from_dict(json.loads(text))
 
 
@@ -283,29 +329,44 @@ _BOX_TAIL = 0.005
 _BOX_MARGIN = 0.03
 
 
-def _main_components(mask: np.ndarray, keep: float = 0.1, max_rounds: int = 512) -> np.ndarray:
-    """The parts of ``mask`` in 4-connected components of at least ``keep`` × the largest one's area.
+def _main_components(mask: np.ndarray, keep: float = 0.1) -> np.ndarray:
+    """The parts of ``mask`` in 4-connected components of at least ``keep`` × the largest one's area, so that
+    burnt-in text, rulers and stray specks apart from the head are dropped (``scipy.ndimage.label``)."""
+    from scipy import ndimage  # imported when first needed: most of the SDK never crops
 
-    Labels spread as the minimum over neighbours until nothing changes (NumPy only; the thumbnails are
-    small), so that burnt-in text, rulers and stray specks apart from the head are dropped.
-    """
-    height, width = mask.shape
-    outside = height * width
-    labels = np.where(mask, np.arange(outside).reshape(height, width), outside)
-    for _ in range(max_rounds):
-        spread = labels.copy()
-        np.minimum(spread[1:], labels[:-1], out=spread[1:])
-        np.minimum(spread[:-1], labels[1:], out=spread[:-1])
-        np.minimum(spread[:, 1:], labels[:, :-1], out=spread[:, 1:])
-        np.minimum(spread[:, :-1], labels[:, 1:], out=spread[:, :-1])
-        spread = np.where(mask, spread, outside)
-        if np.array_equal(spread, labels):
-            break
-        labels = spread
-    ids, sizes = np.unique(labels[mask], return_counts=True)
-    if not len(ids):
+    labels, count = ndimage.label(mask)  # the default structure of a 2-D label is the 4-connected cross
+    if count == 0:
         return mask
-    return np.isin(labels, ids[sizes >= keep * sizes.max()]) & mask
+    sizes = np.bincount(labels.ravel())
+    kept = sizes >= keep * sizes[1:].max()
+    kept[0] = False
+    return kept[labels]
+
+
+def _percentiles(histogram: Sequence[int], percents: tuple[float, ...]) -> list[np.float64]:
+    """``np.percentile(values, percents)`` of 8-bit values, bit for bit, from their 256-bin histogram.
+
+    The same linear interpolation between the same two order statistics, in the same float64 arithmetic
+    (NumPy's ``_lerp``, which counts back from the upper one for weights of one half or more), without
+    sorting the values.
+
+    Args:
+        histogram: how many values of each level 0–255 (Pillow's ``Image.histogram`` of an ``L`` image).
+        percents: percentiles, each in 0–100.
+    """
+    cumulative = np.cumsum(histogram)
+    count = int(cumulative[-1])
+    found = []
+    for percent in percents:
+        virtual = (count - 1) * (percent / 100)
+        if virtual >= count - 1:
+            found.append(np.float64(np.searchsorted(cumulative, count - 1, side="right")))
+            continue
+        below = math.floor(virtual)
+        low, high = (float(v) for v in np.searchsorted(cumulative, (below, below + 1), side="right"))
+        weight = virtual - below
+        found.append(np.float64(high - (high - low) * (1 - weight) if weight >= 0.5 else low + (high - low) * weight))
+    return found
 
 
 def head_box(grey: Image.Image) -> tuple[int, int, int, int]:
@@ -316,6 +377,9 @@ def head_box(grey: Image.Image) -> tuple[int, int, int, int]:
     foreground on each side, plus a 3 % margin. Foreground parts apart from the head and much smaller than it
     (burnt-in text, rulers, specks) are left out first.
     Images without a clear foreground, or whose box would be tiny, keep their full extent.
+
+    Args:
+        grey: an image of mode ``L``.
     """
     full = (0, 0, grey.width, grey.height)
     scale = max(grey.width, grey.height) / _BOX_THUMBNAIL
@@ -325,7 +389,7 @@ def head_box(grey: Image.Image) -> tuple[int, int, int, int]:
         else grey.resize((max(1, round(grey.width / scale)), max(1, round(grey.height / scale))), Image.Resampling.BOX)
     )
     values = np.asarray(thumb, dtype=np.float32)
-    low, high = np.percentile(values, (1, 99))
+    low, high = _percentiles(thumb.histogram(), (1, 99))
     if high - low < 8:
         return full
     mask = _main_components(values > low + 0.15 * (high - low))
@@ -348,13 +412,20 @@ def head_box(grey: Image.Image) -> tuple[int, int, int, int]:
 
 
 def stretch_intensity(grey: Image.Image) -> Image.Image:
-    """Map the 1st and 99.5th intensity percentiles of an 8-bit grey image to 0 and 255 (clipping beyond)."""
-    values = np.asarray(grey, dtype=np.float32)
-    low, high = np.percentile(values, (1, 99.5))
+    """Map the 1st and 99.5th intensity percentiles of an 8-bit grey image to 0 and 255 (clipping beyond).
+
+    The mapping is computed once for each of the 256 levels, in the float32 arithmetic a per-pixel
+    computation would use, and applied as a lookup table (``Image.point``).
+
+    Args:
+        grey: an image of mode ``L``.
+    """
+    low, high = _percentiles(grey.histogram(), (1, 99.5))
     if high - low < 1:
         return grey
-    stretched = np.clip(np.rint((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
-    return Image.fromarray(stretched, mode="L")
+    levels = np.arange(256, dtype=np.float32)
+    table = np.clip(np.rint((levels - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+    return grey.point(table.tolist())
 
 
 def preprocess(
@@ -382,7 +453,13 @@ def preprocess(
 def preprocess_batch(
     sources: list[ImageSource], size: int = IMAGE_SIZE, preprocessing: Preprocessing | None = None
 ) -> np.ndarray:
-    """Preprocess several images into one ``uint8`` batch of shape ``(n, size, size, 3)``."""
+    """Preprocess several images into one ``uint8`` batch of shape ``(n, size, size, 3)``.
+
+    Args:
+        sources: anything :func:`load_image` accepts, one per image.
+        size: side of the output when ``preprocessing`` is not given (then a plain resize).
+        preprocessing: the parameters of the model version the batch is for.
+    """
     preprocessing = preprocessing or Preprocessing(size)
     batch = np.empty((len(sources), preprocessing.size, preprocessing.size, CHANNELS), dtype=np.uint8)
     for i, source in enumerate(sources):

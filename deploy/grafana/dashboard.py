@@ -94,6 +94,18 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         ],
     ),
     (
+        "Shadow candidate: disagreement with the served version (alert above 2% of tumour decisions)",
+        "percentunit",
+        [
+            (
+                "braintumor:shadow_disagreement:ratio_rate30m",
+                "{{kind}}: {{candidate}} vs v{{primary}}",
+            ),
+            ("braintumor:shadow_unanswered:ratio_rate30m", "unanswered: {{candidate}}"),
+            ("0.02 + 0 * max(braintumor:shadow_compared:increase30m)", "alert threshold"),
+        ],
+    ),
+    (
         "Client latency (load generator)",
         "s",
         [

@@ -260,31 +260,98 @@ def format_versions(results: dict[str, Any]) -> str:
 
 
 def bench_preprocessing(seconds: float = 3.0, side: int = 512) -> dict[str, float]:
-    """Images per second of the shared preprocessing on one core, for ``side``×``side`` JPEG bytes: the plain
-    resize (version 1) and with the crop to the head and intensity normalisation (version 2)."""
+    """Milliseconds per image of the shared preprocessing on one core, measured side by side in one run.
+
+    Two synthetic slices (a textured head on black) as JPEG bytes: a grey ``side``×``side`` one and an RGB
+    224×224 one (as most Kaggle slices). Each is preprocessed with version 1's parameters (plain resize),
+    versions 2 and 3's (crop to the head and intensity stretch) and each of these with ``jpeg_draft`` on; the
+    calls take turns, so that other load on the machine weighs on all alike; the median and the minimum
+    are reported (the minimum is the least disturbed by other work on a busy machine).
+    The crop and stretch of version 2 as implemented before issue #14 (a hand-written connected-component
+    spreading and ``np.percentile`` with a per-pixel stretch; the same output) is timed beside it, and checked
+    to give the same tensor. The process is pinned to one core meanwhile.
+
+    Args:
+        seconds: total measuring time.
+        side: side of the large JPEG, in pixels.
+
+    Returns:
+        ``ms_<side>_<parameters>`` and ``ms_224_<parameters>`` medians (and ``..._min``),
+        ``ms_<side>_v2_v3_before_14``, the ratio of medians ``v2_v3_over_v1_<side>``, and the JPEG sizes.
+    """
     import io
+    import os
+    from dataclasses import replace
 
     from PIL import Image
 
-    from braintumor.preprocessing import Preprocessing
+    from braintumor.preprocessing import Preprocessing, head_box, load_image, to_grey
 
-    rng = np.random.default_rng(0)
-    field = rng.normal(size=(16, 16)).astype(np.float32)
-    smooth = np.asarray(Image.fromarray(field, mode="F").resize((side, side), Image.Resampling.BICUBIC))
-    pixels = np.clip(128 + 40 * smooth + rng.normal(0, 8, (side, side)), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").convert("RGB").save(buffer, format="JPEG", quality=90)
-    data = buffer.getvalue()
-    results: dict[str, float] = {"image_side": side, "jpeg_bytes": len(data)}
-    for key, preprocessing in (
-        ("images_per_s_per_core", Preprocessing()),
-        ("images_per_s_per_core_crop_normalize", Preprocessing(crop_to_head=True, normalize_intensity=True)),
-    ):
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            preprocessing(data)
-            count += 1
-        results[key] = count / (time.perf_counter() - start)
+    def slice_jpeg(size: int, mode: str) -> bytes:
+        rng = np.random.default_rng(size)
+        yy, xx = np.mgrid[0:size, 0:size] / size
+        field = Image.fromarray(rng.normal(size=(12, 12)).astype(np.float32), mode="F")
+        texture = np.asarray(field.resize((size, size), Image.Resampling.BICUBIC))
+        head = ((xx - 0.52) ** 2 + (yy - 0.48) ** 2) < 0.4**2
+        pixels = np.clip(head * (120 + 35 * texture) + rng.normal(4, 3, (size, size)), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, mode="L").convert(mode).save(buffer, format="JPEG", quality=90)
+        return buffer.getvalue()
+
+    def before_14(data: bytes) -> np.ndarray:
+        """Versions 2 and 3's preprocessing as implemented before issue #14 (timed here only)."""
+        grey = to_grey(load_image(data))
+        scale = max(grey.size) / 64
+        thumb = grey.resize((max(1, round(grey.width / scale)), max(1, round(grey.height / scale))), Image.BOX)
+        values = np.asarray(thumb, dtype=np.float32)
+        low, high = np.percentile(values, (1, 99))
+        mask = values > low + 0.15 * (high - low)
+        labels = np.where(mask, np.arange(mask.size).reshape(mask.shape), mask.size)
+        for _ in range(512):  # labels spread as the minimum over 4-neighbours until nothing changes
+            spread = labels.copy()
+            np.minimum(spread[1:], labels[:-1], out=spread[1:])
+            np.minimum(spread[:-1], labels[1:], out=spread[:-1])
+            np.minimum(spread[:, 1:], labels[:, :-1], out=spread[:, 1:])
+            np.minimum(spread[:, :-1], labels[:, 1:], out=spread[:, :-1])
+            spread = np.where(mask, spread, mask.size)
+            if np.array_equal(spread, labels):
+                break
+            labels = spread
+        np.unique(labels[mask], return_counts=True)  # the component sizes; the box itself is not timed apart
+        crop = np.asarray(grey.crop(head_box(grey)), dtype=np.float32)
+        low, high = np.percentile(crop, (1, 99.5))
+        stretched = np.clip(np.rint((crop - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+        pixels = np.asarray(Image.fromarray(stretched, mode="L").resize((160, 160), Image.BILINEAR))
+        return np.repeat(pixels[:, :, None], 3, axis=2)
+
+    v1, v2 = Preprocessing(160), Preprocessing(160, crop_to_head=True, normalize_intensity=True)
+    images = {side: slice_jpeg(side, "L"), 224: slice_jpeg(224, "RGB")}
+    calls = {}
+    for size, data in images.items():
+        for name, preprocessing in (("v1", v1), ("v2_v3", v2)):
+            calls[f"ms_{size}_{name}"] = (preprocessing, data)
+            calls[f"ms_{size}_{name}_jpeg_draft"] = (replace(preprocessing, jpeg_draft=True), data)
+    calls[f"ms_{side}_v2_v3_before_14"] = (before_14, images[side])
+    if not np.array_equal(before_14(images[side]), v2(images[side])):
+        raise AssertionError("the pre-#14 implementation and the current one disagree on the benchmark slice")
+    times: dict[str, list[float]] = {key: [] for key in calls}
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(affinity)})
+    try:
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop or len(times[f"ms_{side}_v1"]) < 20:
+            for key, (call, data) in calls.items():
+                start = time.perf_counter()
+                call(data)
+                times[key].append(time.perf_counter() - start)
+    finally:
+        os.sched_setaffinity(0, affinity)
+    results: dict[str, float] = {"image_side": side, "jpeg_bytes": len(images[side])}
+    results["jpeg_224_bytes"] = len(images[224])
+    for key, values in times.items():
+        results[key], results[f"{key}_min"] = 1e3 * float(np.median(values)), 1e3 * min(values)
+    results[f"v2_v3_over_v1_{side}"] = results[f"ms_{side}_v2_v3"] / results[f"ms_{side}_v1"]
+    results["rounds"] = len(times[f"ms_{side}_v1"])
     return results
 
 

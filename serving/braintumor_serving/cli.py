@@ -49,7 +49,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"braintumor serve: ${args.admin_key_env} is empty or unset", file=sys.stderr)
             return 2
         config.admin_key = key
-    return serve(config, ready_timeout=args.ready_timeout, restart=policy)
+    if args.shadow is None:
+        return serve(config, ready_timeout=args.ready_timeout, restart=policy)
+    import tempfile
+
+    from braintumor_serving.shadow import ShadowError, shadow_repository
+
+    with tempfile.TemporaryDirectory(prefix="braintumor-shadow-") as folder:
+        config.repository = Path(folder) / "model_repository"
+        try:
+            spec = shadow_repository(
+                Path(args.repository), args.shadow, config.repository, config_name=args.model_config_name
+            )
+        except (ShadowError, OSError) as err:
+            print(f"braintumor serve: {err}", file=sys.stderr)
+            return 2
+        print(
+            f"Shadow: version {spec.primary} answers; {spec.candidate_model} (version {spec.candidate_version}) "
+            "gets a copy of its requests; agreement on the metrics port (braintumor_shadow_*)",
+            flush=True,
+        )
+        return serve(config, ready_timeout=args.ready_timeout, restart=policy)
 
 
 def _bench_versions(args: argparse.Namespace, model_dir: Path, published: list[int], pixels: Any) -> int:
@@ -91,50 +111,43 @@ def _bench_pixels(data_dir: Path, n: int = 64):
 def _cmd_bench(args: argparse.Namespace) -> int:
     from braintumor.config import MODEL_NAME as NAME
     from braintumor.model_repository import versions
-    from braintumor_serving.bench import (
-        bench_client,
-        bench_explain_cost,
-        bench_preprocessing,
-        format_table,
-        run_benchmark,
-        write_results,
-    )
-    from braintumor_serving.triton import ServeError, ServerConfig, TritonServer, free_ports
 
     repository = Path(args.repository)
     published = versions(repository / NAME)
     if not published:
         print(f"braintumor bench: no published version of {NAME} in {repository}", file=sys.stderr)
         return 2
-    model = repository / NAME / str(published[-1]) / "model.onnx"
     pixels = _bench_pixels(Path(args.data))
     if args.versions:
         return _bench_versions(args, repository / NAME, published, pixels)
 
+    from braintumor_serving import side_by_side
+    from braintumor_serving.bench import bench_client
+    from braintumor_serving.perf_analyzer import PerfAnalyzerError, find
+    from braintumor_serving.triton import ServeError, ServerConfig, TritonServer, free_ports, ready_models
+
+    try:
+        find()
+    except PerfAnalyzerError as err:
+        print(f"braintumor bench: {err}", file=sys.stderr)
+        return 2
     http, grpc, metrics = free_ports(3)
     config = ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics)
-
     try:
         with TritonServer(config) as server:
             server.wait_until_ready(180)
-            print(f"Embedded Triton ready on {config.grpc_url}; measuring {args.seconds:.0f} s per point ...")
-            results = run_benchmark(model, config.grpc_url, config.metrics_url, pixels, seconds=args.seconds)
-            results["explain_cost"] = bench_explain_cost(model, config.grpc_url, pixels, min(args.seconds, 3.0))
+            served = [str(v) for v in ready_models(server.local_http_url, config.admin_key).get(NAME, [])]
+            print(f"Embedded Triton ready on {config.grpc_url} (versions {', '.join(served)}); measuring ...")
+            results = side_by_side.run(server, repository / NAME, served, pixels, seconds=args.seconds)
             if args.client:
-                results["preprocessing"] = bench_preprocessing(args.seconds)
                 files = sorted(p for p in (Path(args.data) / "Testing").rglob("*.jpg"))
                 if files:
                     results["client"] = bench_client(config.grpc_url, files)
-                    best = max(p["images_per_s"] for p in results["triton"])
-                    fastest = max(v for k, v in results["client"].items() if k.startswith("predict_batch"))
-                    results["client"]["server_only_best_images_per_s"] = best
-                    results["client"]["end_to_end_over_server_only"] = fastest / best
-    except ServeError as err:
+    except (ServeError, PerfAnalyzerError) as err:
         print(f"braintumor bench: {err}", file=sys.stderr)
         return 2
-    results["model"] = f"{NAME} version {published[-1]}"
-    print(format_table(results))
-    write_results(results, Path(args.out))
+    print(side_by_side.format_table(results))
+    side_by_side.write(results, Path(args.out))
     print(f"Wrote {args.out}/bench.json, bench.txt and bench.png")
     return 0
 
@@ -160,6 +173,14 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
     parser.add_argument(
+        "--shadow",
+        type=int,
+        default=None,
+        metavar="N",
+        help="shadow rollout: serve version N as the model <name>_candidate, which gets a copy of the current "
+        "version's requests; callers never see its answers (see README: Shadow rollout)",
+    )
+    parser.add_argument(
         "--restart",
         default="no",
         metavar="POLICY",
@@ -181,7 +202,9 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
     parser.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="images to send (Testing split)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="seconds per in-process point and per perf_analyzer window (3 each)"
+    )
     parser.add_argument("--out", default="docs/benchmarks", help="folder for bench.json, bench.txt, bench.png")
     parser.add_argument(
         "--versions",
@@ -193,7 +216,7 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--client",
         action="store_true",
-        help="also measure preprocessing speed and SDK end-to-end throughput over the Testing images",
+        help="also measure the SDK's end-to-end throughput over the Testing images",
     )
     parser.set_defaults(func=_cmd_bench)
 

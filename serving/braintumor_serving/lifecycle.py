@@ -378,17 +378,24 @@ def stale_processes(among: list[Process]) -> list[Process]:
     return stale
 
 
-def stale_regions(among: list[Process], directory: Path = SHM_DIR) -> list[Path]:
+def stale_regions(among: list[Process] | None = None, directory: Path = SHM_DIR) -> list[Path]:
     """The project's regions that no live process carries the prefix of, maps or holds open.
 
+    The regions are listed before the processes are read, so that a server starting meanwhile is never
+    mistaken for a dead one: a region that exists before the snapshot was made by a process that, if it
+    still lives, is in the snapshot (listing the other way round loses a region created in between).
+
     Args:
-        among: every process (from :func:`processes`).
+        among: every process, read after the regions were listed (default: read now, after listing).
         directory: where POSIX shared memory lives.
     """
+    candidates = region_files(PROJECT_PREFIX, directory)
+    if among is None:
+        among = processes()
     live_prefixes = {x for p in among if p.alive for x in p.prefixes()}
     used = regions_in_use(among, directory)
     stale = []
-    for path in region_files(PROJECT_PREFIX, directory):
+    for path in candidates:
         match = PREFIX_PATTERN.match(path.name)
         if match is None or match.group(0) in live_prefixes or path.name in used:
             continue
@@ -407,7 +414,7 @@ def clean_stale(timeout: float = 5.0, directory: Path = SHM_DIR) -> Cleanup:
     """
     killed = kill_all(lambda: stale_processes(processes()), timeout)
     removed = []
-    for path in stale_regions(processes(), directory):
+    for path in stale_regions(directory=directory):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed.append(path.name)

@@ -210,6 +210,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
             gate=gate,
             data_dir=Path(args.data) if args.data else None,
             served_versions=args.served_versions,
+            int8=args.int8,
+            int8_tolerance=args.int8_tolerance,
+            calibration_images=args.calibration_images,
         )
     except ExportError as err:
         print(f"braintumor export: {err}", file=sys.stderr)
@@ -381,6 +384,14 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-leak-free-accuracy", type=float, default=0.93)
     parser.add_argument("--min-tumor-sensitivity", type=float, default=0.97)
     parser.add_argument("--served-versions", type=int, default=2, help="latest versions Triton serves side by side")
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="serve a static int8 quantization (fp32 kept as model.fp32.onnx); refused unless every test set and "
+        "subgroup figure stays within --int8-tolerance of fp32",
+    )
+    parser.add_argument("--int8-tolerance", type=float, default=0.003, help="with --int8: 0.003 = 0.3 points")
+    parser.add_argument("--calibration-images", type=int, default=512, help="with --int8: training images to calibrate")
     parser.set_defaults(func=_cmd_export)
 
 

@@ -2,8 +2,9 @@
 
 Steps: check the run's evaluation against a quality gate; build the served model (uint8 pixels in,
 temperature-scaled probabilities out); convert it to ONNX; verify ONNX Runtime against Keras on every
-Testing image; write the SavedModel in the TF-Serving layout and check it with ``saved_model_cli``;
-then move the new version into the model repository in one rename.
+Testing image; with ``--int8``, quantize it and judge int8 against fp32 on every test set and subgroup
+(:mod:`braintumor_training.quantize`), refusing unless it holds; write the SavedModel in the TF-Serving layout
+and check it with ``saved_model_cli``; then move the new version into the model repository in one rename.
 """
 
 from __future__ import annotations
@@ -41,7 +42,16 @@ from braintumor_training.evaluate import (
 )
 from braintumor_training.model import build_served_model, feature_model
 from braintumor_training.model_card import earlier_phases, render_model_card
-from braintumor_training.train import run_preprocessing
+from braintumor_training.quantize import (
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_TOLERANCE,
+    FP32_FILE,
+    QuantizationError,
+    card_section,
+    check_settings,
+    quantize_for_export,
+)
+from braintumor_training.train import EXTERNAL_SPLIT_FILE, run_preprocessing
 
 #: Keys of a run's evaluation that are published in the version's ``metrics.json`` when present.
 OPTIONAL_PUBLISHED = ("temperature_fit", "external_val", "external_test", "targets", "comparison")
@@ -203,15 +213,36 @@ def export_run(
     gate: QualityGate = QualityGate(),
     data_dir: Path | None = None,
     served_versions: int = SERVED_VERSIONS,
+    int8: bool = False,
+    int8_tolerance: float = DEFAULT_TOLERANCE,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
 ) -> Path:
     """Publish ``run_dir`` as the next version of ``model_name``; returns the new version folder.
 
-    ``served_versions`` (Triton's ``latest`` version policy) is written into the model configurations.
+    Args:
+        run_dir: the evaluated training run.
+        repository: the model repository.
+        tfserving_base: the TF-Serving model base (``deploy/tfserving/models``).
+        model_name: the model's name.
+        gate: the quality gate.
+        data_dir: the folder dataset (default: the run's).
+        served_versions: Triton's ``latest`` version policy, written into the model configurations.
+        int8: serve a static int8 quantization of the model (:mod:`braintumor_training.quantize`) as
+            ``model.onnx``, the fp32 model kept as ``model.fp32.onnx``; refused, with nothing published, unless
+            every figure of every test set and subgroup stays within ``int8_tolerance`` of fp32.
+        int8_tolerance: the largest allowed change of any figure (0.003 = 0.3 points).
+        calibration_images: training images that calibrate the int8 ranges.
 
     Raises:
-        ExportError: when the run is not evaluated, misses the gate, or fails verification.
+        ExportError: when the run is not evaluated, misses the gate, fails verification, or (with ``int8``)
+            its int8 model does not hold against fp32.
     """
     run_dir = Path(run_dir)
+    if int8:
+        try:
+            check_settings(int8_tolerance, calibration_images)
+        except QuantizationError as err:
+            raise ExportError(f"refusing to publish: {err}; nothing was published") from err
     metrics_path = run_dir / EVALUATION_DIR / "metrics.json"
     if not metrics_path.exists():
         raise ExportError(f"{run_dir} has no evaluation: run `braintumor evaluate {run_dir}` first")
@@ -226,7 +257,8 @@ def export_run(
     classifier = load_classifier(run_dir)
     served = build_served_model(classifier, metrics["temperature"], tta=metrics.get("tta", "none"))
     preprocessing = run_preprocessing(config)
-    pixels, _ = load_arrays(data_dir, run_sets(data_dir, audit)["test"], preprocessing=preprocessing)
+    test_records = run_sets(data_dir, audit)["test"]
+    pixels, test_labels = load_arrays(data_dir, test_records, preprocessing=preprocessing)
 
     model_dir = Path(repository) / model_name
     version = next_version(model_dir)
@@ -247,6 +279,28 @@ def export_run(
             },
         )
         parity = verify_parity(served, onnx_path, pixels)
+        int8_summary = None
+        if int8:
+            int8_path = staging / "model.int8.onnx"
+            try:
+                int8_summary = quantize_for_export(
+                    onnx_path,
+                    int8_path,
+                    preprocessing,
+                    data_dir,
+                    (pixels, test_labels, test_records),
+                    audit["leak_free_test"],
+                    run_dir / EXTERNAL_SPLIT_FILE if config.get("external") else None,
+                    Path(config["external"]) if config.get("external") else None,
+                    int8_tolerance,
+                    calibration_images,
+                )
+            except QuantizationError as err:
+                raise ExportError(
+                    f"refusing to publish: {err}; nothing was published (without --int8 the fp32 model would be)"
+                ) from err
+            onnx_path.rename(staging / FP32_FILE)
+            int8_path.rename(onnx_path)
         tf_dir = Path(tfserving_base) / model_name / str(version)
         if tf_dir.exists():
             raise ExportError(f"{tf_dir} already exists: the TF-Serving base is out of step with the repository")
@@ -259,6 +313,8 @@ def export_run(
         published["tta"] = metrics.get("tta", "none")
         published.update({k: metrics[k] for k in OPTIONAL_PUBLISHED if k in metrics})
         published["export_parity"] = parity
+        if int8_summary is not None:
+            published["int8"] = int8_summary
         published["audit"] = {"near_duplicate_threshold": audit["threshold"], **audit["summary"]}
         published["leak_free_test_images"] = audit["leak_free_test"]
         published["training"] = {
@@ -280,6 +336,7 @@ def export_run(
                 gate,
                 json.loads(previous.read_text()) if previous.exists() else None,
             )
+            + ("\n" + "\n".join(card_section(int8_summary)) if int8_summary is not None else "")
         )
 
         heatmap_size = int(served.output_shape[1][2])

@@ -7,16 +7,27 @@ and a model selects it with ``backend: "onnxruntime_python"``; version folders h
 
 Triton hands ``execute`` every request its dynamic batcher gathered: they are concatenated into one
 batch for a single ONNX Runtime call and the result is split back per request, so batching pays off.
+Each response carries only the outputs its request asked for (a request that names none gets all).
 
 Model configuration parameters (all optional): ``intra_op_num_threads`` (default 0 = ONNX Runtime's
 choice), ``inter_op_num_threads``, ``graph_optimization_level`` (``disable``, ``basic``, ``extended``,
-``all``; default ``all``), ``allow_spinning`` (``1`` or ``0``: whether idle threads spin; default ``1``).
+``all``; default ``all``), ``allow_spinning`` (``1`` or ``0``: whether idle threads spin; default ``1``),
+``enable_cpu_mem_arena`` (``1`` or ``0``; default ``1``), ``lean_outputs`` (comma-separated output names:
+a second session runs the graph cut down to them, for the requests that ask for nothing else; ONNX
+Runtime otherwise computes every output at every call), ``shadow`` (JSON set by ``braintumor serve --shadow``,
+see :mod:`braintumor_serving.shadow`: the named primary version copies each request's images and answer to a
+bounded queue once its answer is computed, and a background thread has the candidate answer them too and
+counts the agreement in Triton's metrics; nothing of it reaches the caller, and no shadow failure fails a
+request).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import queue
+import threading
 from typing import Any
 
 import numpy as np
@@ -31,25 +42,158 @@ _OPTIMIZATION = {
 }
 
 
+_ARENA: bool | None = None
+
+
 def _parameters(config: dict[str, Any]) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def _shared_arena() -> bool:
+    """Register one CPU arena for every session of this process (once); whether it is there."""
+    global _ARENA
+    if _ARENA is None:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        try:
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg({}))
+            _ARENA = True
+        except Exception:  # an older ONNX Runtime, or one already registered by someone else
+            _ARENA = False
+    return _ARENA
+
+
+def _options(params: dict[str, str]) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(params.get("intra_op_num_threads", "0"))
+    options.inter_op_num_threads = int(params.get("inter_op_num_threads", "0"))
+    options.graph_optimization_level = _OPTIMIZATION[params.get("graph_optimization_level", "all")]
+    options.enable_cpu_mem_arena = params.get("enable_cpu_mem_arena", "1") == "1"
+    if options.enable_cpu_mem_arena and _shared_arena():
+        # the full and the cut-down session of this stub draw from one arena: 60 MB less per stub
+        options.add_session_config_entry("session.use_env_allocators", "1")
+    # Idle ONNX Runtime threads spin by default, taking CPU from Triton and the stub between batches.
+    options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
+    return options
+
+
+class _Shadow:
+    """The primary's side of a shadow rollout: a bounded queue and the thread that feeds the candidate.
+
+    Args:
+        spec: the ``shadow`` parameter, parsed.
+        input_name: the model's input tensor.
+        output_name: the probabilities' tensor.
+        labels: the metrics' labels for this instance.
+        warmup_requests: how many requests Triton's warm-up sends this instance first (not shadowed).
+    """
+
+    def __init__(
+        self, spec: Any, input_name: str, output_name: str, labels: dict[str, str], warmup_requests: int
+    ) -> None:
+        from braintumor_serving import shadow
+
+        self.spec, self.input_name, self.output_name = spec, input_name, output_name
+        #: requests of Triton's warm-up still to come to this instance (a batch-B sample comes as B requests);
+        #: asking whether the model is READY instead breaks the stub while the server loads
+        self.warmup = warmup_requests
+        self.errors = 0
+        self._compare = shadow.compare
+        images = pb_utils.MetricFamily(
+            name=shadow.IMAGES,
+            description="images of the primary's requests, by shadow outcome",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        kinds = pb_utils.MetricFamily(
+            name=shadow.DISAGREEMENTS,
+            description="images the candidate answered differently, by kind",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        diff = pb_utils.MetricFamily(
+            name=shadow.ABS_DIFF_SUM,
+            description="sum of |candidate - primary| tumour probability",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        # the families must outlive their metrics (the stub refuses otherwise): keep them
+        self._families = (images, kinds, diff)
+        self.outcomes = {o: images.Metric(labels={**labels, "outcome": o}) for o in shadow.OUTCOMES}
+        self.kinds = {k: kinds.Metric(labels={**labels, "kind": k}) for k in shadow.KINDS}
+        self.abs_diff = diff.Metric(labels=labels)
+        self.queue: queue.Queue[tuple[np.ndarray, np.ndarray] | None] = queue.Queue(maxsize=spec.queue)
+        self.thread = threading.Thread(target=self._run, name="shadow", daemon=True)
+        self.thread.start()
+
+    def offer(self, images: np.ndarray, probabilities: np.ndarray) -> None:
+        """Queue one request's images and the primary's answer; drop (and count) them when the queue is full.
+
+        Args:
+            images: the request's input (copied: the request's memory is freed once it is answered).
+            probabilities: the primary's answer for them.
+        """
+        try:
+            if self.warmup > 0:  # Triton's warm-up requests (random pixels) are not shadowed
+                self.warmup -= 1
+                return
+            try:
+                self.queue.put_nowait((np.array(images, copy=True), np.array(probabilities, copy=True)))
+            except queue.Full:
+                self.outcomes["dropped"].increment(len(images))
+        except Exception as err:  # the shadow never fails the caller's request
+            pb_utils.Logger.log_warn(f"shadow: could not queue a request: {err}")
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            images, primary = item
+            try:
+                request = pb_utils.InferenceRequest(
+                    model_name=self.spec.candidate_model,
+                    model_version=int(self.spec.candidate_version),
+                    inputs=[pb_utils.Tensor(self.input_name, images)],
+                    requested_output_names=[self.output_name],
+                    timeout=int(self.spec.timeout_s * 1e6),
+                )
+                response = request.exec()
+                if response.has_error():
+                    raise RuntimeError(response.error().message())
+                candidate = pb_utils.get_output_tensor_by_name(response, self.output_name).as_numpy()
+                found = self._compare(primary, candidate, self.spec.probability_tolerance)
+            except Exception as err:  # any failure of the candidate is counted, never raised
+                self.outcomes["error"].increment(len(images))
+                if self.errors % 1000 == 0:  # the first, then every thousandth: a dead candidate must not flood the log
+                    pb_utils.Logger.log_warn(
+                        f"shadow: candidate {self.spec.candidate_model} version {self.spec.candidate_version} "
+                        f"failed ({self.errors + 1} failed requests so far): {err}"
+                    )
+                self.errors += 1
+                continue
+            self.outcomes["compared"].increment(found.images)
+            self.kinds["class"].increment(found.class_disagreements)
+            self.kinds["tumour"].increment(found.tumour_disagreements)
+            self.kinds["probability"].increment(found.probability_disagreements)
+            self.abs_diff.increment(found.abs_diff_sum)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread after the queued work (at most ``timeout`` seconds; the rest is abandoned).
+
+        Args:
+            timeout: seconds to wait.
+        """
+        try:
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self.thread.join(timeout)
 
 
 class TritonPythonModel:
     """Triton's python-backend model interface: ``initialize``, ``execute``, ``finalize``."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        """Open the version's ONNX file and check it against the model configuration."""
+        """Open the version's ONNX file (and its cut-down graph) and check it against the model configuration."""
         config = json.loads(args["model_config"])
         params = _parameters(config)
         filename = config.get("default_model_filename") or "model.onnx"
         path = os.path.join(args["model_repository"], args["model_version"], filename)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_num_threads", "0"))
-        options.inter_op_num_threads = int(params.get("inter_op_num_threads", "0"))
-        options.graph_optimization_level = _OPTIMIZATION[params.get("graph_optimization_level", "all")]
-        # Idle ONNX Runtime threads spin by default, taking CPU from Triton and the stub between batches.
-        options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
+        options = _options(params)
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
         session_inputs = {i.name for i in self.session.get_inputs()}
@@ -64,30 +208,94 @@ class TritonPythonModel:
             )
         self.output_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
 
-    def execute(self, requests: list[Any]) -> list[Any]:
-        """Run all ``requests`` as one ONNX Runtime batch; one response per request, in order."""
-        try:
-            feeds: dict[str, np.ndarray] = {}
-            sizes: list[int] = []
-            for name in self.inputs:
-                arrays = [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests]
-                sizes = [len(a) for a in arrays]
-                feeds[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-            results = self.session.run(self.outputs, feeds)
-        except Exception as err:
-            error = pb_utils.TritonError(f"inference failed: {err}")
-            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+        # (output names, session): the cut-down session first, used when a request asks only for its outputs
+        self.sessions: list[tuple[list[str], ort.InferenceSession]] = []
+        lean = [name.strip() for name in params.get("lean_outputs", "").split(",") if name.strip()]
+        if lean and set(lean) < set(self.outputs):
+            from braintumor_serving.onnx_outputs import keep_outputs
 
-        bounds = np.cumsum([0, *sizes])
-        responses = []
-        for k in range(len(requests)):
-            tensors = [
-                pb_utils.Tensor(name, result[bounds[k] : bounds[k + 1]].astype(self.output_dtypes[name], copy=False))
-                for name, result in zip(self.outputs, results, strict=True)
-            ]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            session = ort.InferenceSession(keep_outputs(path, lean), options, providers=["CPUExecutionProvider"])
+            ctypes.CDLL(None).malloc_trim(0)  # hand back what cutting the graph took (about 30 MB)
+            self._warm_up(session, config, lean)
+            self.sessions.append((lean, session))
+        self.sessions.append((self.outputs, self.session))
+
+        self.shadow: _Shadow | None = None
+        if params.get("shadow"):
+            from braintumor_serving.shadow import ShadowSpec
+
+            spec = ShadowSpec.from_json(params["shadow"])
+            if int(args["model_version"]) == spec.primary:
+                labels = {
+                    "model": args["model_name"],
+                    "primary": str(spec.primary),
+                    "candidate": f"{spec.candidate_model}/{spec.candidate_version}",
+                    "model_instance": args["model_instance_name"],
+                }
+                warmup = sum(
+                    int(w.get("batch_size", 1)) * max(1, int(w.get("count", 1))) for w in config.get("model_warmup", [])
+                )
+                self.shadow = _Shadow(spec, self.inputs[0], self.outputs[0], labels, warmup)
+
+    @staticmethod
+    def _warm_up(session: ort.InferenceSession, config: dict[str, Any], outputs: list[str]) -> None:
+        """Run a batch of 1 and a full batch (Triton's ``model_warmup`` reaches only the full session)."""
+        for batch in sorted({1, max(1, int(config.get("max_batch_size", 1)))}):
+            feeds = {
+                i["name"]: np.zeros(
+                    (batch, *[int(d) for d in i["dims"]]), pb_utils.triton_string_to_numpy(i["data_type"])
+                )
+                for i in config["input"]
+            }
+            session.run(outputs, feeds)
+
+    def _session_for(self, wanted: set[str]) -> int:
+        return next(k for k, (names, _) in enumerate(self.sessions) if wanted <= set(names))
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        """Run the ``requests`` as one ONNX Runtime batch per session they need; one response per request,
+        in order."""
+        wanted = [set(r.requested_output_names()) or set(self.outputs) for r in requests]
+        groups: dict[int, list[int]] = {}
+        for k, names in enumerate(wanted):
+            groups.setdefault(self._session_for(names), []).append(k)
+        responses: list[Any] = [None] * len(requests)
+        for index, members in groups.items():
+            names, session = self.sessions[index]
+            try:
+                feeds: dict[str, np.ndarray] = {}
+                sizes: list[int] = []
+                for name in self.inputs:
+                    arrays = [pb_utils.get_input_tensor_by_name(requests[k], name).as_numpy() for k in members]
+                    sizes = [len(a) for a in arrays]
+                    feeds[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+                results = dict(zip(names, session.run(names, feeds), strict=True))
+            except Exception as err:
+                error = pb_utils.TritonError(f"inference failed: {err}")
+                for k in members:
+                    responses[k] = pb_utils.InferenceResponse(output_tensors=[], error=error)
+                continue
+            bounds = np.cumsum([0, *sizes])
+            for j, k in enumerate(members):
+                tensors = [
+                    pb_utils.Tensor(
+                        name, results[name][bounds[j] : bounds[j + 1]].astype(self.output_dtypes[name], copy=False)
+                    )
+                    for name in self.outputs
+                    if name in wanted[k]
+                ]
+                responses[k] = pb_utils.InferenceResponse(output_tensors=tensors)
+                if self.shadow is not None:
+                    self.shadow.offer(
+                        feeds[self.inputs[0]][bounds[j] : bounds[j + 1]],
+                        results[self.outputs[0]][bounds[j] : bounds[j + 1]],
+                    )
         return responses
 
     def finalize(self) -> None:
-        """Release the ONNX Runtime session."""
+        """Stop the shadow thread and release the ONNX Runtime sessions."""
+        if self.shadow is not None:
+            self.shadow.close()
+            self.shadow = None
         self.session = None
+        self.sessions = []

@@ -31,7 +31,7 @@ from locust.runners import MasterRunner  # noqa: E402
 from prometheus_client import Counter, Histogram, start_http_server  # noqa: E402
 
 from braintumor.classifier import TumorClassifier  # noqa: E402
-from braintumor.config import DEFAULT_DATA_DIR, IMAGE_SIZE, IMAGE_SUFFIXES  # noqa: E402
+from braintumor.config import DEFAULT_DATA_DIR, DEFAULT_URL, IMAGE_SIZE, IMAGE_SUFFIXES  # noqa: E402
 from braintumor.errors import BrainTumorError  # noqa: E402
 from braintumor.preprocessing import Preprocessing, preprocess_batch  # noqa: E402
 
@@ -102,7 +102,7 @@ class TritonGrpcUser(User):
     def on_start(self) -> None:
         options = self.environment.parsed_options
         self.classifier = TumorClassifier(
-            self.host or "127.0.0.1:8001",
+            self.host or DEFAULT_URL,
             model_version=(options.model_version if options else "") or None,
             timeout=30.0,
             retries=0,  # every request counts once: the load measures the server, retries would hide errors

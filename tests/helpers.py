@@ -16,7 +16,7 @@ def copy_repository(destination: Path, extra_versions: int = 0, keep: tuple[int,
 
     Args:
         destination: the copy's folder.
-        extra_versions: this many more versions repeat the latest one.
+        extra_versions: this many more versions repeat the latest one kept.
         keep: keep only these versions (``-1`` is the latest); all when ``None``.
     """
     shutil.copytree(DEFAULT_MODEL_REPOSITORY, destination)
@@ -27,6 +27,7 @@ def copy_repository(destination: Path, extra_versions: int = 0, keep: tuple[int,
         wanted = {latest if v == -1 else v for v in keep}
         for version in set(published) - wanted:
             shutil.rmtree(model_dir / str(version))
+        latest = max(wanted & set(published))
     for k in range(1, extra_versions + 1):
         shutil.copytree(model_dir / str(latest), model_dir / str(latest + k))
     return destination

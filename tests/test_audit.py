@@ -94,6 +94,7 @@ def test_bad_layout_gives_a_clear_error(tmp_path):
         audit_dataset(tmp_path / "nowhere")
 
 
+@pytest.mark.slow  # hashes all 7,023 images of the shared dataset
 def test_shared_dataset_audit_finds_the_known_leak(shared_data):
     report = audit_dataset(shared_data)
     s = report.summary

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("tritonclient.grpc")
@@ -14,8 +13,6 @@ from braintumor.config import DEFAULT_TFSERVING_BASE, LABELS, MODEL_NAME
 from braintumor.errors import ModelMismatchError
 from braintumor.explain import overlay
 from braintumor.model_repository import versions
-from braintumor.prediction import Prediction
-from braintumor.preprocessing import Preprocessing, head_box
 from braintumor_training.dataset import load_arrays, scan_dataset
 
 pytestmark = pytest.mark.slow
@@ -77,25 +74,9 @@ def test_overlay_and_explain_errors(triton, tmp_path):
     with pytest.raises(ValueError, match="explain=True"):
         overlay(image, plain)
     with pytest.raises(ModelMismatchError, match="cannot explain"):
-        from braintumor._model_check import ServedModel, requested_outputs
+        from braintumor._core import ServedModel, requested_outputs
 
         requested_outputs(ServedModel("old", ("1",), 160, 32, heatmap_size=0), True, None)
 
 
-def test_overlay_draws_the_map_only_where_the_cropped_model_looked():
-    from synthetic import random_slice
-
-    image = Image.new("L", (300, 300))
-    image.paste(random_slice(np.random.default_rng(9)).resize((150, 150)), (20, 120))
-    prediction = Prediction.from_probabilities(
-        np.array([0.7, 0.1, 0.1, 0.1]), "braintumor", "2", 1.0, heatmaps=np.ones((4, 5, 5), np.float32)
-    )
-    left, top, right, bottom = head_box(image)
-    cropped = np.asarray(overlay(image, prediction, preprocessing=Preprocessing(crop_to_head=True)), dtype=int)
-    grey = np.asarray(image, dtype=int)[:, :, None]
-    outside = np.ones(grey.shape[:2], bool)
-    outside[top:bottom, left:right] = False
-    assert np.array_equal(cropped[outside], np.repeat(grey, 3, axis=2)[outside])  # untouched outside the crop
-    assert (cropped[top:bottom, left:right] != np.repeat(grey, 3, axis=2)[top:bottom, left:right]).any(axis=2).all()
-    whole = np.asarray(overlay(image, prediction), dtype=int)  # uncropped versions: the map covers everything
-    assert (whole != np.repeat(grey, 3, axis=2)).any(axis=2).all()
+# END

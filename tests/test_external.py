@@ -86,6 +86,7 @@ def test_a_bad_manifest_row_is_named(manifest_data, tmp_path, change, message):
         read_manifest(bad)
 
 
+@pytest.mark.slow  # starts braintumor train
 def test_an_unreadable_image_stops_training_before_the_run_folder_exists(manifest_data, tmp_path):
     bad = tmp_path / "bad"
     (bad / "images").mkdir(parents=True)

@@ -186,6 +186,7 @@ def states(path: Path, server: OrthancServer) -> dict[str, tuple[Status, str | N
 
 
 # -- end to end ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a real Orthanc (and Triton)
 def test_pacs_once_writes_sr_and_overlay_equal_to_the_sdk(orthanc, triton, tmp_path):
     """C-STORE two MR series and a CT series; ``braintumor pacs --once``; read the SR and the overlay back."""
     rng = np.random.default_rng(7)
@@ -227,6 +228,7 @@ def test_pacs_once_writes_sr_and_overlay_equal_to_the_sdk(orthanc, triton, tmp_p
     assert status.stdout.startswith("2 done, 5 skipped, 0 failed"), status.stdout  # CT, 2 SR, 2 overlays
 
 
+@pytest.mark.slow  # a real Orthanc (and Triton)
 def test_credentials_come_from_the_environment(orthanc, tmp_path):
     wrong = {**os.environ, "ORTHANC_USERNAME": orthanc.username, "ORTHANC_PASSWORD": "not-the-password"}
     command = [BRAINTUMOR, "pacs", "--orthanc", orthanc.url, "--state", str(tmp_path / "s.sqlite"), "--once"]
@@ -241,6 +243,7 @@ def test_credentials_come_from_the_environment(orthanc, tmp_path):
 
 
 # -- bad input ----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a real Orthanc (and Triton)
 def test_bad_input_is_processed_skipped_or_failed_with_one_reason(orthanc, triton, tmp_path):
     rng = np.random.default_rng(11)
     patient = Patient()
@@ -341,6 +344,7 @@ class Worker:
         raise AssertionError(f"no {pattern!r} in the worker's log:\n" + "".join(self.log))
 
 
+@pytest.mark.slow  # a real Orthanc (and Triton)
 def test_stopped_or_killed_mid_series_every_series_ends_with_one_result(orthanc, triton, tmp_path, caplog):
     rng = np.random.default_rng(3)
     patient = Patient()
@@ -392,6 +396,7 @@ def test_stopped_or_killed_mid_series_every_series_ends_with_one_result(orthanc,
     assert len(found["SR"]) == 4 and len(found["OT"]) == 4
 
 
+@pytest.mark.slow  # a real Orthanc (and Triton)
 def test_triton_unavailable_fails_with_reason_then_processed_on_retry(orthanc, triton, tmp_path):
     """Triton behind a proxy: stop the proxy and Triton is gone, start it and Triton is back, same address."""
     rng = np.random.default_rng(5)
@@ -430,6 +435,7 @@ def test_triton_unavailable_fails_with_reason_then_processed_on_retry(orthanc, t
             check_result(orthanc, series, classifier, tmp_path)
 
 
+@pytest.mark.slow  # a real Orthanc (and Triton)
 def test_a_series_that_grows_gets_a_new_result_in_place_of_the_old(orthanc, triton, tmp_path, caplog):
     rng = np.random.default_rng(9)
     patient = Patient()

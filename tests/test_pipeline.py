@@ -42,6 +42,7 @@ def test_tf_dataset_shapes_dtypes_and_augmentation_range(data):
     assert np.array_equal(x_val.numpy(), pixels[:8].astype(np.float32))  # no augmentation, no shuffle
 
 
+@pytest.mark.slow  # builds a Keras MobileNetV3Small
 def test_classifier_has_fast_batchnorm_and_served_model_returns_probabilities():
     model = build_classifier(32)
     momenta = [
@@ -60,6 +61,7 @@ def test_classifier_has_fast_batchnorm_and_served_model_returns_probabilities():
         build_served_model(model, temperature=0.0)
 
 
+@pytest.mark.slow  # builds a Keras MobileNetV3Small
 def test_flip_test_time_augmentation_averages_the_mirror_and_keeps_the_maps_of_the_image():
     model = build_classifier(32)
     x = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
@@ -95,6 +97,7 @@ def test_collapse_guard_stops_a_constant_model_and_spares_a_varied_one():
     assert not guard.collapsed and logs["probe_std"] > 0.01
 
 
+@pytest.mark.slow  # builds a Keras MobileNetV3Small
 def test_backbone_starts_from_a_local_weights_file(tmp_path):
     donor = keras.applications.MobileNetV3Small(
         input_shape=(32, 32, 3), include_top=False, weights=None, pooling="avg", include_preprocessing=True

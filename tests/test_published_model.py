@@ -52,6 +52,7 @@ def test_each_version_has_model_card_metrics_and_a_working_onnx_model(version):
     assert p.shape == (4, len(LABELS)) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow  # runs every version over the leak-free Testing images
 @pytest.mark.shared_data
 @pytest.mark.parametrize("version", versions(MODEL_DIR))
 def test_each_version_reproduces_its_published_leak_free_accuracy(shared_data, version):

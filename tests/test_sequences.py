@@ -77,6 +77,7 @@ def test_features_have_a_fixed_length_and_are_finite():
     assert not np.allclose(features[0], features[1])
 
 
+@pytest.mark.slow  # fits the sequence classifier (tens of seconds)
 def test_classifier_tells_dark_fluid_from_bright_fluid():
     rng = np.random.default_rng(1)
     images, sequences = _heads(rng, 60)
@@ -162,6 +163,7 @@ def sequence_data(tmp_path_factory):
     return folder, manifest, check
 
 
+@pytest.mark.slow  # fits the sequence classifier (tens of seconds)
 def test_audit_counts_classes_against_sources_and_sequences(sequence_data):
     folder, manifest, check = sequence_data
     report = audit_dataset(folder, val_fraction=0.25, seed=1)
@@ -209,6 +211,7 @@ def test_audit_counts_classes_against_sources_and_sequences(sequence_data):
     )
 
 
+@pytest.mark.slow  # fits the sequence classifier (tens of seconds)
 def test_audit_command_with_external_writes_tables_and_csv(sequence_data, tmp_path, capsys):
     folder, manifest, check = sequence_data
     args = ["audit", str(folder), "--out", str(tmp_path), "--val-fraction", "0.25"]

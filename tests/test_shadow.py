@@ -78,6 +78,7 @@ def _server(repository: Path) -> TritonServer:
     return TritonServer(ServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics))
 
 
+@pytest.mark.slow  # starts a real Triton
 def test_disagreement_metrics_count_exactly_what_the_versions_disagree_on(source, tmp_path):
     repository = tmp_path / "repo"
     spec = shadow.shadow_repository(source, CANDIDATE, repository)
@@ -137,6 +138,7 @@ def test_disagreement_metrics_count_exactly_what_the_versions_disagree_on(source
     assert report.returncode == {"pass": 0, "fail": 1, "undecided": 3}[printed["verdict"]]
 
 
+@pytest.mark.slow  # starts a real Triton
 def test_serve_shadow_command_serves_the_primary_and_refuses_an_unknown_candidate(source, tmp_path):
     command = [sys.executable, "-m", "braintumor.cli", "serve", "--repository", str(source)]
     refused = subprocess.run([*command, "--shadow", "7"], capture_output=True, text=True, timeout=60)
@@ -164,6 +166,7 @@ def test_serve_shadow_command_serves_the_primary_and_refuses_an_unknown_candidat
         assert process.wait(60) == 0
 
 
+@pytest.mark.slow  # starts a real Triton
 def test_an_absent_candidate_counts_errors_and_fails_no_request(source, tmp_path):
     repository = tmp_path / "repo"
     spec = shadow.shadow_repository(source, CANDIDATE, repository)

@@ -219,7 +219,7 @@ def test_model_card_sections_need_the_external_metrics_and_show_both_versions(ex
     import json
 
     from braintumor.config import DEFAULT_MODEL_REPOSITORY, MODEL_NAME
-    from braintumor_training.export import subgroup_card_sections
+    from braintumor_training.model_card import subgroup_card_sections
 
     published = json.loads((DEFAULT_MODEL_REPOSITORY / MODEL_NAME / "2" / "metrics.json").read_text())
     assert subgroup_card_sections(published, 3, {}) == []  # an older run's metrics: no new sections

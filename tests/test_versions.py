@@ -7,10 +7,10 @@ import pytest
 pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException
 
-from braintumor._model_check import check_model
-from braintumor.cli import _card_section
+from braintumor._core import check_model
 from braintumor.errors import ModelNotReadyError, ServerUnavailableError, from_triton
 from braintumor.preprocessing import Preprocessing
+from braintumor_training.model_card import set_section
 
 METADATA = {
     "name": "braintumor",
@@ -78,12 +78,12 @@ def test_model_card_section_is_inserted_before_the_limitations_and_replaced_in_p
     card = tmp_path / "model-card.md"
     card.write_text("# Card\n\n## Results\n\nr\n\n### Robustness notes\n\nkeep\n\n## Known limitations\n\n- l\n")
     heading = "## Robustness"
-    _card_section(card, heading, "first table")
+    set_section(card, heading, "Seeded shifts.", "first table")
     once = card.read_text()
     assert once.index("## Robustness\n") < once.index("## Known limitations") and "first table" in once
     assert "### Robustness notes\n\nkeep" in once  # a sub-heading with the same words is not the section
-    _card_section(card, heading, "first table")
+    set_section(card, heading, "Seeded shifts.", "first table")
     assert card.read_text() == once  # idempotent
-    _card_section(card, heading, "second table")
+    set_section(card, heading, "Seeded shifts.", "second table")
     again = card.read_text()
     assert "second table" in again and "first table" not in again and again.count("## Robustness\n") == 1

@@ -2,51 +2,36 @@
 
 One instance holds one gRPC channel, which is safe to share between threads. Every call has a deadline
 (``timeout``); calls that fail with a retryable status (``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``,
-``ABORTED``) are retried with exponential backoff, others fail at once with a named error.
+``ABORTED``) are retried with exponential backoff, others fail at once with a named error. Requests,
+checks, retries and decoding are :class:`braintumor._core.ClientCore`'s, shared with the asyncio twin
+:class:`braintumor.aio.AsyncTumorClassifier`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, TypeVar
+from contextlib import AbstractContextManager
+from typing import TypeVar, Unpack
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 
-from braintumor._model_check import ServedModel, check_model, requested_outputs, to_predictions
-from braintumor.config import INPUT_NAME, MODEL_NAME
-from braintumor.errors import (
-    BrainTumorError,
-    DeadlineExceededError,
-    ModelNotReadyError,
-    from_triton,
-    retry_delay,
-)
+from braintumor._core import Batch, BatchOptions, ClientCore, Images, ServedModel, Strategy, to_predictions
+from braintumor.errors import BrainTumorError, DeadlineExceededError, ModelNotReadyError
 from braintumor.prediction import Prediction
 from braintumor.preprocessing import ImageSource
 
 T = TypeVar("T")
-Strategy = Literal["packed", "concurrent"]
 
 
-class TumorClassifier:
+class TumorClassifier(ClientCore, AbstractContextManager):
     """Classify MRI slices with the model served by Triton, over gRPC.
 
-    Args:
-        url: the server's gRPC ``host:port``.
-        model_name: the served model.
-        model_version: a version to pin, or ``None`` for the latest version the server serves when the
-            client connects (requests then go to that version, whose preprocessing the client applies;
-            when the server stops serving it, the client reconnects to the new latest once and retries).
-        timeout: deadline of each call, in seconds.
-        retries: further attempts after a retryable failure.
-        backoff: first wait between attempts, in seconds (doubles each time).
-        ssl: use TLS; ``root_certificates``, ``private_key`` and ``certificate_chain`` are PEM file paths
-            (server CA, client key and certificate for mutual TLS).
-        check: check the served model's metadata on construction (see :meth:`connect`).
+    Args: see :class:`braintumor._core.ClientCore` (``url``, ``model_name``, ``model_version``, ``timeout``,
+    ``retries``, ``backoff``, ``ssl``, ``root_certificates``, ``private_key``, ``certificate_chain``,
+    ``check``); with ``check`` (the default) the constructor checks the served model (:meth:`connect`).
 
     Raises:
         ServerUnavailableError, ModelNotReadyError, ModelMismatchError: when ``check`` finds a problem.
@@ -57,103 +42,53 @@ class TumorClassifier:
             print(classifier.predict("scan.jpg").label)
     """
 
-    def __init__(
-        self,
-        url: str = "127.0.0.1:8001",
-        model_name: str = MODEL_NAME,
-        model_version: str | None = None,
-        *,
-        timeout: float = 10.0,
-        retries: int = 2,
-        backoff: float = 0.2,
-        ssl: bool = False,
-        root_certificates: str | None = None,
-        private_key: str | None = None,
-        certificate_chain: str | None = None,
-        check: bool = True,
-    ) -> None:
-        self.url, self.model_name, self.model_version = url, model_name, model_version
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self._client = grpcclient.InferenceServerClient(
-            url,
-            ssl=ssl,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-        )
-        self.model: ServedModel | None = None
-        if check:
-            self.connect()
+    transport = grpcclient
+    connects_on_init = True
+    # ``with TumorClassifier(...) as classifier``: AbstractContextManager's __enter__ returns the client.
 
-    # -- plumbing ---------------------------------------------------------------------------------------
     def _call(self, fn: Callable[[], T], during: str) -> T:
-        for attempt in range(self.retries + 1):
-            try:
+        for attempt in self._attempts(during):
+            with attempt:
                 return fn()
-            except InferenceServerException as err:
-                delay = retry_delay(err, during=during, attempt=attempt, retries=self.retries, backoff=self.backoff)
-            time.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    @property
-    def _version(self) -> str:
-        return self.model_version or ""
+            time.sleep(attempt.delay)
+        raise AssertionError("unreachable")  # pragma: no cover - the last attempt raises
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def connect(self) -> ServedModel:
         """Read the served model's metadata and configuration and check them against this SDK.
 
         Returns:
-            What the SDK learned (image size, max batch size, versions).
+            What the SDK learned (image size, max batch size, versions, each version's preprocessing).
 
         Raises:
             ServerUnavailableError: the server cannot be reached.
             ModelNotReadyError: the model or version is not loaded.
             ModelMismatchError: its input or output is not what the SDK sends or reads.
         """
-        during = f"reading the metadata of {self.model_name} at {self.url}"
-        metadata = self._call(
-            lambda: self._client.get_model_metadata(
-                self.model_name, self._version, as_json=True, client_timeout=self.timeout
-            ),
-            during,
-        )
-        config = self._call(
-            lambda: self._client.get_model_config(
-                self.model_name, self._version, as_json=True, client_timeout=self.timeout
-            ),
-            during,
-        )
-        self.model = check_model(metadata, config["config"], self._version)
-        return self.model
+        request, during = self._metadata_request()
+        metadata = self._call(lambda: self._client.get_model_metadata(**request), during)
+        config = self._call(lambda: self._client.get_model_config(**request), during)
+        return self._connected(metadata, config)
 
     def wait_until_ready(self, timeout: float = 60.0) -> ServedModel:
         """Wait until the model is ready, then :meth:`connect`.
 
+        Args:
+            timeout: how long to wait, in seconds.
+
         Raises:
             ModelNotReadyError: when it is not ready within ``timeout`` seconds.
         """
-        deadline = time.monotonic() + timeout
-        last: BrainTumorError | None = None
-        while time.monotonic() < deadline:
-            try:
-                ready = self._client.is_model_ready(
-                    self.model_name, self._version, client_timeout=min(self.timeout, 2.0)
-                )
-                if ready:
+        for poll in self._polls(timeout):
+            with poll:
+                if self._client.is_model_ready(**self._ready_request()):
                     return self.connect()
-            except InferenceServerException as err:
-                last = from_triton(err, during=f"waiting for {self.model_name} at {self.url}")
-            time.sleep(0.2)
-        reason = f" (last error: {last})" if last else ""
-        raise ModelNotReadyError(f"{self.model_name} at {self.url} was not ready within {timeout:.0f} s{reason}")
+            time.sleep(self._poll_interval)
+        raise AssertionError("unreachable")  # pragma: no cover - the polls end by raising
 
     def close(self) -> None:
         """Close the gRPC channel."""
         self._client.close()
-
-    def __enter__(self) -> TumorClassifier:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -162,20 +97,26 @@ class TumorClassifier:
     def _served(self) -> ServedModel:
         return self.model or self.connect()
 
-    def _following_latest(self, call: Callable[[], T]) -> T:
+    def _following_latest(self, call: Callable[[bool], T]) -> T:
         """Run ``call``; when the version it went to is no longer served (and none is pinned), reconnect to
-        the new latest version and run it once more (``call`` preprocesses again for that version)."""
+        the new latest version and run it once more (``call`` preprocesses again for that version). ``call``
+        is told whether a version failure may still be followed."""
         try:
-            return call()
+            return call(not self.model_version)
         except ModelNotReadyError:
-            if self.model_version or self.model is None:
+            if not self._follows_latest:
                 raise
-            self.connect()
-            return call()
+        self.connect()
+        return call(False)
 
     def preprocess(self, image: ImageSource, frame: int | None = None) -> np.ndarray:
         """The tensor this client sends for ``image``: the shared preprocessing, with the parameters of the
-        version requests go to (:attr:`ServedModel.preprocessing`)."""
+        version requests go to (:attr:`ServedModel.preprocessing`).
+
+        Args:
+            image: a path, bytes, PIL image, array or DICOM.
+            frame: the frame of a multi-frame image.
+        """
         return self._served().preprocessing(image, frame)
 
     def predict_pixels(
@@ -198,19 +139,9 @@ class TumorClassifier:
     def _infer(
         self, served: ServedModel, pixels: np.ndarray, explain: bool, explain_label: str | None
     ) -> list[Prediction]:
-        # ``served`` is read once by the caller: the tensor was made for exactly the version it goes to,
-        # even when another thread reconnects meanwhile.
-        names = requested_outputs(served, explain, explain_label)
-        inp = grpcclient.InferInput(INPUT_NAME, list(pixels.shape), "UINT8")
-        inp.set_data_from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8))
-        outputs = [grpcclient.InferRequestedOutput(name) for name in names]
+        request, during = self._infer_request(served, pixels, explain, explain_label)
         start = time.perf_counter()
-        result = self._call(
-            lambda: self._client.infer(
-                self.model_name, [inp], model_version=served.version, outputs=outputs, client_timeout=self.timeout
-            ),
-            f"classifying with {self.model_name} at {self.url}",
-        )
+        result = self._call(lambda: self._client.infer(**request), during)
         return to_predictions(result, (time.perf_counter() - start) * 1000.0, explain, explain_label)
 
     def predict(
@@ -218,19 +149,25 @@ class TumorClassifier:
     ) -> Prediction:
         """Classify one image (path, bytes, PIL image, array, or DICOM); ``explain`` adds its Grad-CAM map.
 
+        Args:
+            image: the image.
+            frame: the frame of a multi-frame image.
+            explain: also fetch the Grad-CAM map (of the predicted class, or of ``explain_label``).
+            explain_label: the class to explain instead of the predicted one.
+
         Raises:
             InvalidImageError: when the image cannot be used; nothing is sent.
         """
 
-        def attempt() -> Prediction:
+        def attempt(_follow: bool) -> Prediction:
             served = self._served()
             return self._infer(served, served.preprocessing(image, frame)[None], explain, explain_label)[0]
 
         return self._following_latest(attempt)
 
     def predict_batch(
-        self, images: Sequence[ImageSource], strategy: Strategy = "concurrent", workers: int = 8
-    ) -> list[Prediction]:
+        self, images: Images, strategy: Strategy = "concurrent", workers: int = 8, **options: Unpack[BatchOptions]
+    ) -> list[Prediction | BrainTumorError]:
         """Classify several images; results keep the input order.
 
         Args:
@@ -240,26 +177,29 @@ class TumorClassifier:
                 ``concurrent`` is the default because it measured faster on the embedded CPU server (see
                 the README's client benchmark).
             workers: threads that preprocess the images, and requests in flight for ``concurrent``.
+            frame: the frame of multi-frame images.
+            explain: also fetch each image's Grad-CAM map (of its predicted class, or of ``explain_label``).
+            explain_label: the class to explain instead of the predicted one.
+            return_errors: put the :class:`BrainTumorError` of an image that failed (unusable, or its
+                request refused) in its place and classify the others, instead of raising it.
 
         Raises:
-            InvalidImageError: when any image cannot be used (raised before anything is sent).
+            InvalidImageError: when any image cannot be used (raised before anything is sent), unless
+                ``return_errors``.
         """
+        batch = Batch(images, strategy, workers, **options)
         if not len(images):
             return []
-        return self._following_latest(lambda: self._predict_batch(images, strategy, workers))
+        return self._following_latest(lambda follow: self._predict_batch(batch, follow))
 
-    def _predict_batch(self, images: Sequence[ImageSource], strategy: Strategy, workers: int) -> list[Prediction]:
+    def _predict_batch(self, batch: Batch, follow: bool) -> list[Prediction | BrainTumorError]:
         served = self._served()
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # decoding and cropping release the GIL
-            pixels = np.stack(list(pool.map(served.preprocessing, images)))
-        if strategy == "packed":
-            step = served.max_batch_size
-            chunks = [pixels[i : i + step] for i in range(0, len(pixels), step)]
-            return [p for chunk in chunks for p in self._infer(served, chunk, False, None)]
-        if strategy != "concurrent":
-            raise ValueError(f"strategy must be 'packed' or 'concurrent', got {strategy!r}")
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            return list(pool.map(lambda i: self._infer(served, pixels[i : i + 1], False, None)[0], range(len(pixels))))
+        tensors = batch.preprocess(served)
+        requests = batch.requests(served, tensors)
+        explain, label = batch.explain, batch.explain_label
+        with ThreadPoolExecutor(max_workers=batch.in_flight) as pool:
+            sent = [pool.submit(self._infer, served, pixels, explain, label) for _, pixels in requests]
+        return batch.assemble(tensors, requests, [f.exception() or f.result() for f in sent], follow)
 
 
 __all__ = ["DeadlineExceededError", "Strategy", "TumorClassifier"]

@@ -20,6 +20,10 @@ IMAGE_SIZE: Final[int] = 160
 #: Channels the model takes (the grey MRI slice repeated three times, as MobileNetV3 expects).
 CHANNELS: Final[int] = 3
 
+#: The served model's gRPC address (``host:port``) that clients use unless told otherwise: ``braintumor serve``
+#: listens there by default.
+DEFAULT_URL: Final[str] = "127.0.0.1:8001"
+
 #: Name of the model in the Triton repository.
 MODEL_NAME: Final[str] = "braintumor"
 #: Input tensor: uint8 pixels, shape [batch, IMAGE_SIZE, IMAGE_SIZE, CHANNELS].

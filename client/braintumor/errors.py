@@ -2,7 +2,8 @@
 
 Every error the SDK raises is a :class:`BrainTumorError`; catch that to handle them all, or a subclass to
 handle one case. ``status`` is the gRPC status name (``INVALID_ARGUMENT``, ``UNAVAILABLE``, …) so that
-errors map one-to-one onto the protocol, whichever side raised them.
+errors map one-to-one onto the protocol, whichever side raised them; :func:`http_status` maps it onto HTTP,
+and :func:`retry_delay` is the one retry policy over those statuses.
 """
 
 from __future__ import annotations
@@ -28,48 +29,61 @@ class BrainTumorError(Exception):
             self.status = status
         self.details = details or {}
 
+    def __init_subclass__(cls, status: str | None = None, **kwargs: Any) -> None:
+        """A named error says its gRPC status in its class line: ``class X(BrainTumorError, status="...")``."""
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status = status
+
     def __str__(self) -> str:
         return self.message
 
 
-class InvalidImageError(BrainTumorError, ValueError):
+class InvalidImageError(BrainTumorError, ValueError, status="INVALID_ARGUMENT"):
     """The input is not a usable image (unreadable, truncated, too large, too small, no pixel data)."""
 
-    status = "INVALID_ARGUMENT"
 
-
-class ServerUnavailableError(BrainTumorError, ConnectionError):
+class ServerUnavailableError(BrainTumorError, ConnectionError, status="UNAVAILABLE"):
     """The server cannot be reached (down, wrong address, TLS mismatch)."""
 
-    status = "UNAVAILABLE"
 
-
-class ModelNotReadyError(BrainTumorError):
+class ModelNotReadyError(BrainTumorError, status="UNAVAILABLE"):
     """The server is up but the model (or the requested version) is not loaded and ready."""
 
-    status = "UNAVAILABLE"
 
-
-class ModelMismatchError(BrainTumorError):
+class ModelMismatchError(BrainTumorError, status="FAILED_PRECONDITION"):
     """The served model's inputs or outputs are not what this SDK sends and reads."""
 
-    status = "FAILED_PRECONDITION"
 
-
-class DeadlineExceededError(BrainTumorError, TimeoutError):
+class DeadlineExceededError(BrainTumorError, TimeoutError, status="DEADLINE_EXCEEDED"):
     """A call did not finish within its deadline."""
 
-    status = "DEADLINE_EXCEEDED"
 
-
-class InferenceError(BrainTumorError):
+class InferenceError(BrainTumorError, status="INTERNAL"):
     """The server refused or failed an inference request."""
-
-    status = "INTERNAL"
 
 
 #: gRPC status codes worth retrying: the request did not run, and may succeed later.
 RETRYABLE_STATUSES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED"})
+
+#: The HTTP status that answers an SDK error's gRPC status (the web app's, for instance); others: 502.
+HTTP_STATUSES: dict[str, int] = {
+    "INVALID_ARGUMENT": 422,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+    "FAILED_PRECONDITION": 502,
+}
+#: The HTTP status of an SDK error whose gRPC status :data:`HTTP_STATUSES` does not name (a bad gateway).
+DEFAULT_HTTP_STATUS = 502
+
+
+def http_status(error: BrainTumorError) -> int:
+    """The HTTP status a web front answers ``error`` with.
+
+    Args:
+        error: any SDK error.
+    """
+    return HTTP_STATUSES.get(error.status, DEFAULT_HTTP_STATUS)
 
 
 def from_triton(error: Exception, *, during: str) -> BrainTumorError:
@@ -99,6 +113,13 @@ def retry_delay(error: Exception, *, during: str, attempt: int, retries: int, ba
 
     Only :data:`RETRYABLE_STATUSES` are retried, ``retries`` times at most, waiting ``backoff`` seconds
     first and twice as long each time after.
+
+    Args:
+        error: what tritonclient raised.
+        during: what the SDK was doing, for the message.
+        attempt: the attempt that failed, from 0.
+        retries: further attempts allowed after the first.
+        backoff: the first wait, in seconds.
 
     Raises:
         BrainTumorError: the translated error, when it is not retryable or the retries are spent.

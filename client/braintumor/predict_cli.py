@@ -11,8 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from braintumor.config import IMAGE_SUFFIXES, LABELS, MODEL_NAME
+from PIL import Image
+
+from braintumor.classifier import TumorClassifier
+from braintumor.config import DEFAULT_URL, IMAGE_SUFFIXES, LABELS, MODEL_NAME
 from braintumor.errors import BrainTumorError
+from braintumor.explain import overlay
+from braintumor.preprocessing import load_image
 
 #: Suffixes picked up when a folder is given (DICOM files too).
 FOLDER_SUFFIXES = IMAGE_SUFFIXES | {".dcm", ".dicom"}
@@ -39,7 +44,7 @@ def expand_paths(arguments: Iterable[str]) -> list[tuple[str, Path | None]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``predict`` subcommand's options."""
     parser.add_argument("paths", nargs="+", help="image or DICOM files, folders, or glob patterns")
-    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (default 127.0.0.1:8001)")
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
     parser.add_argument("--model", default=MODEL_NAME)
     parser.add_argument("--model-version", default=None, help="pin a version (default: the latest served)")
     parser.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, in seconds")
@@ -58,34 +63,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-cert", default=None, help="PEM client certificate (mutual TLS)")
 
 
-def _classify(
-    classifier: Any, path: str, file: Path | None, frame: int | None, explain_dir: Path | None
-) -> dict[str, Any]:
+def define(name: str, parser: argparse.ArgumentParser) -> None:
+    """Add the ``predict`` command's arguments to its parser, and :func:`run` (for :mod:`braintumor.cli`).
+
+    Args:
+        name: ``predict``.
+        parser: the command's parser.
+    """
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+#: Files classified per ``predict_batch`` call: bounds the decoded images held at once (for ``--explain``).
+CHUNK = 64
+
+
+def _decode(item: tuple[str, Path | None], frame: int | None) -> Image.Image | dict[str, Any]:
+    """The file decoded once (the overlay of ``--explain`` draws on the same image), or its error row."""
+    path, file = item
     if file is None:
         return {"path": path, "error": "no such file, or no image matched"}
     try:
-        prediction = classifier.predict(file, frame=frame, explain=explain_dir is not None)
+        return load_image(file, frame)
     except BrainTumorError as err:
         return {"path": path, "error": str(err), "status": err.status}
-    result = {"path": path, **prediction.to_dict()}
-    if explain_dir is not None:
-        from braintumor.explain import overlay
 
-        target = explain_dir / f"{file.stem}.gradcam.png"
-        overlay(
-            file, prediction, frame=frame, preprocessing=classifier.model.preprocessing_of(prediction.model_version)
-        ).save(target)
-        result["explanation"] = str(target)
-    return result
+
+def _classify_chunk(
+    classifier: TumorClassifier,
+    items: list[tuple[str, Path | None]],
+    args: argparse.Namespace,
+    explain_dir: Path | None,
+    pool: ThreadPoolExecutor,
+) -> list[dict[str, Any]]:
+    rows: list[Any] = list(pool.map(lambda item: _decode(item, args.frame), items))
+    images = [(n, image) for n, image in enumerate(rows) if isinstance(image, Image.Image)]
+    predictions = classifier.predict_batch(
+        [image for _, image in images], workers=args.workers, explain=explain_dir is not None, return_errors=True
+    )
+    for (n, image), prediction in zip(images, predictions, strict=True):
+        path, file = items[n]
+        if isinstance(prediction, BrainTumorError):
+            rows[n] = {"path": path, "error": str(prediction), "status": prediction.status}
+            continue
+        rows[n] = {"path": path, **prediction.to_dict()}
+        if explain_dir is not None and file is not None:
+            target = explain_dir / f"{file.stem}.gradcam.png"
+            preprocessing = classifier.model.preprocessing_of(prediction.model_version)
+            overlay(image, prediction, preprocessing=preprocessing).save(target)
+            rows[n]["explanation"] = str(target)
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
-    """Classify every path; prints a table or JSON lines. Exit status 1 when any file failed."""
+    """Classify every path; prints a table or JSON lines. Exit status 1 when any file failed.
+
+    Args:
+        args: the parsed arguments (:func:`add_arguments`).
+    """
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
-
-    from braintumor.classifier import TumorClassifier
 
     err_console = Console(stderr=True)
     items = expand_paths(args.paths)
@@ -107,14 +145,14 @@ def run(args: argparse.Namespace) -> int:
         explain_dir = Path(args.explain) if args.explain else None
         if explain_dir is not None:
             explain_dir.mkdir(parents=True, exist_ok=True)
-        futures = [pool.submit(_classify, classifier, path, file, args.frame, explain_dir) for path, file in items]
         show = len(items) > 1 and err_console.is_terminal
         results = []
         with Progress(console=err_console, disable=not show, transient=True) as progress:
-            task = progress.add_task("classifying", total=len(futures))
-            for future in futures:
-                results.append(future.result())
-                progress.advance(task)
+            task = progress.add_task("classifying", total=len(items))
+            for start in range(0, len(items), CHUNK):
+                chunk = items[start : start + CHUNK]
+                results += _classify_chunk(classifier, chunk, args, explain_dir, pool)
+                progress.advance(task, len(chunk))
 
     if args.json:
         for result in results:

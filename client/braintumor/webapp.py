@@ -18,8 +18,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from braintumor.classifier import TumorClassifier
-from braintumor.config import LABELS, MODEL_NAME
-from braintumor.errors import BrainTumorError, InvalidImageError
+from braintumor.config import DEFAULT_URL, LABELS, MODEL_NAME
+from braintumor.errors import BrainTumorError, InvalidImageError, http_status
 from braintumor.explain import overlay
 
 #: Largest upload accepted, in bytes.
@@ -31,10 +31,8 @@ NOTICE = (
     "reader must review every scan. Results were validated on one public dataset of 2-D slices only."
 )
 
-_STATUS = {"INVALID_ARGUMENT": 422, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "FAILED_PRECONDITION": 502}
 
-
-def create_app(url: str = "127.0.0.1:8001", model_version: str | None = None, timeout: float = 15.0) -> FastAPI:
+def create_app(url: str = DEFAULT_URL, model_version: str | None = None, timeout: float = 15.0) -> FastAPI:
     """Build the web application.
 
     Args:
@@ -66,7 +64,7 @@ def create_app(url: str = "127.0.0.1:8001", model_version: str | None = None, ti
         except InvalidImageError as err:
             return _error(422, str(err).replace("<bytes>", name))
         except BrainTumorError as err:
-            return _error(_STATUS.get(err.status, 502), f"the model server could not answer: {err}")
+            return _error(http_status(err), f"the model server could not answer: {err}")
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
         body: dict[str, Any] = {

@@ -19,10 +19,12 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, ImageFilter
 
-from braintumor.config import INPUT_NAME, OUTPUT_NAME
+from braintumor.config import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
+from braintumor.model_repository import MODEL_FILE, read_preprocessing
 from braintumor.preprocessing import Preprocessing, load_image, to_grey
 from braintumor_training.dataset import TEST_SPLIT, scan_dataset
 from braintumor_training.metrics import classification_metrics
+from braintumor_training.model_card import set_section
 
 Shift = Callable[[Image.Image, int, np.random.Generator], Image.Image]
 
@@ -363,3 +365,71 @@ def write_report(result: Robustness, out_dir: Path) -> None:
         text += [f"## {set_name}", "", render_table(result, set_name), ""]
     (out_dir / "robustness.md").write_text("\n".join(text))
     plot_heatmap(result, out_dir / "robustness.png")
+
+
+#: The model card section that :func:`compare_versions` writes.
+CARD_HEADING = "## Robustness to scanner and acquisition shifts"
+
+
+def evaluate_version(
+    model_dir: Path, version: int, data_dir: Path, seed: int = 0, limit: int | None = None
+) -> Robustness:
+    """:func:`evaluate_robustness` of a published version, with the preprocessing it was trained with, on the
+    Testing images of ``data_dir`` (and its leak-free subset, as its ``metrics.json`` lists it).
+
+    Args:
+        model_dir: the model's folder in the repository (``model_repository/<name>``).
+        version: a published version.
+        data_dir: the folder-per-class dataset.
+        seed: seed of the shifts.
+        limit: use about this many Testing images.
+    """
+    folder = model_dir / str(version)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    leak_free = set(metrics.get("leak_free_test_images", []))
+    preprocessing = read_preprocessing(model_dir, int(metrics.get("image_size", 0)) or IMAGE_SIZE)[version]
+    result = evaluate_robustness(
+        folder / MODEL_FILE, data_dir, leak_free, seed=seed, limit=limit, preprocessing=preprocessing
+    )
+    return Robustness(f"{model_dir.name} version {version}", result.metrics, result.preprocessing)
+
+
+def same_images(before: Robustness, after: Robustness) -> bool:
+    """Whether both results were measured on the same number of images in every set and shift they share."""
+    return all(
+        before.metrics[s][shift][0]["n_images"] == levels[0]["n_images"]
+        for s in after.metrics
+        for shift, levels in after.metrics[s].items()
+        if shift in before.metrics.get(s, {})
+    )
+
+
+def compare_versions(before: Robustness, after: Robustness, baseline: Path, out_dir: Path, model_name: str) -> str:
+    """Write ``comparison.md`` and ``comparison.png`` of two results into ``out_dir``; return the comparison.
+
+    Args:
+        before: the earlier version's result (read from ``baseline``).
+        after: this version's result.
+        baseline: the ``robustness.json`` ``before`` was read from (names it when its model is another's).
+        out_dir: the report folder.
+        model_name: the served model's name.
+    """
+    prefix = f"{model_name} version "
+    earlier = f"v{before.model.removeprefix(prefix)}" if before.model.startswith(prefix) else baseline.parent.name
+    names = (earlier, f"v{after.model.removeprefix(prefix)}")
+    comparison = render_comparison(before, after, names)
+    (out_dir / "comparison.md").write_text(
+        f"# Robustness: {names[1]} against {names[0]}\n\n{comparison}\n![comparison](comparison.png)\n"
+    )
+    plot_comparison(before, after, names, out_dir / "comparison.png")
+    return comparison
+
+
+def write_card_section(card: Path, comparison: str) -> None:
+    """Put the comparison into the version's model card (:data:`CARD_HEADING`), replacing an earlier one.
+
+    Args:
+        card: the version's ``model-card.md``.
+        comparison: :func:`compare_versions`' text.
+    """
+    set_section(card, CARD_HEADING, "Seeded shifts of the Testing images (see `braintumor robustness`).", comparison)

@@ -1,7 +1,7 @@
 """``braintumor pacs``: the command line of the PACS worker.
 
-This module imports only the standard library at import time, so that ``braintumor --help`` works without
-the ``pacs`` extra; :func:`run` imports the worker.
+This module imports only the standard library and :mod:`braintumor.config` at import time, so that
+``braintumor --help`` works without the ``pacs`` extra; :func:`run` imports the worker.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+
+from braintumor.config import DEFAULT_URL
 
 __all__ = ["add_arguments", "default_state_path", "run"]
 
@@ -33,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--orthanc", required=True, metavar="URL", help="Orthanc's base URL, e.g. http://127.0.0.1:8042"
     )
-    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (default 127.0.0.1:8001)")
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
     parser.add_argument("--model-version", default=None, help="pin a served version (default: the latest)")
     parser.add_argument(
         "--state",

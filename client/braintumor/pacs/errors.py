@@ -13,53 +13,37 @@ class PacsError(BrainTumorError):
     """Base of the PACS worker's errors."""
 
 
-class OrthancUnavailableError(PacsError, ConnectionError):
+class OrthancUnavailableError(PacsError, ConnectionError, status="UNAVAILABLE"):
     """Orthanc cannot be reached, or refuses the credentials: nothing can be read or written."""
 
-    status = "UNAVAILABLE"
 
-
-class OrthancRequestError(PacsError):
+class OrthancRequestError(PacsError, status="FAILED_PRECONDITION"):
     """Orthanc answered a request with an error (a series deleted meanwhile, a refused store, …)."""
 
-    status = "FAILED_PRECONDITION"
 
-
-class UnsupportedSeriesError(PacsError):
+class UnsupportedSeriesError(PacsError, status="INVALID_ARGUMENT"):
     """The series is not one the model is for (not MR, multi-frame objects, no images): it is skipped."""
 
-    status = "INVALID_ARGUMENT"
 
-
-class UnreadableSliceError(PacsError):
+class UnreadableSliceError(PacsError, status="INVALID_ARGUMENT"):
     """A slice of the series cannot be read or decoded (corrupt file, compressed pixel data no installed
     decoder reads): the series fails, since a result without that slice could miss a tumour."""
 
-    status = "INVALID_ARGUMENT"
 
-
-class ClassifierUnavailableError(PacsError):
+class ClassifierUnavailableError(PacsError, status="UNAVAILABLE"):
     """Triton did not answer, after the retries with backoff: the series fails and can be retried later."""
 
-    status = "UNAVAILABLE"
 
-
-class ClassificationError(PacsError):
+class ClassificationError(PacsError, status="INTERNAL"):
     """Triton answered but refused the request, or serves a model this SDK cannot use: the series fails."""
 
-    status = "INTERNAL"
 
-
-class ResultWriteError(PacsError):
+class ResultWriteError(PacsError, status="INTERNAL"):
     """The result (SR and Secondary Capture) could not be built or stored."""
 
-    status = "INTERNAL"
 
-
-class StateMismatchError(PacsError):
+class StateMismatchError(PacsError, status="FAILED_PRECONDITION"):
     """The state file belongs to another Orthanc: mixing them would lose or repeat series."""
-
-    status = "FAILED_PRECONDITION"
 
 
 __all__ = [

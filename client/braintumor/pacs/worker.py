@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from braintumor.classifier import TumorClassifier
-from braintumor.config import MODEL_NAME
+from braintumor.config import DEFAULT_URL, MODEL_NAME
 from braintumor.pacs.errors import (
     ClassificationError,
     ClassifierUnavailableError,
@@ -54,7 +54,7 @@ class WorkerConfig:
         workers: threads downloading and decoding slices.
     """
 
-    triton_url: str = "127.0.0.1:8001"
+    triton_url: str = DEFAULT_URL
     model_name: str = MODEL_NAME
     model_version: str | None = None
     timeout: float = 30.0

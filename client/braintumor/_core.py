@@ -1,0 +1,456 @@
+"""The core shared by the synchronous and the asynchronous client: everything but the waiting.
+
+:class:`TumorClassifier` (threads) and :class:`AsyncTumorClassifier` (asyncio) are thin twins over
+:class:`ClientCore`, as tritonclient's are over one request builder. The core holds the settings, builds
+every request (metadata, readiness, inference), checks the served model's metadata against what this SDK
+sends and reads, resolves the version requests go to (and whether to follow a new latest one), decodes
+responses into :class:`~braintumor.prediction.Prediction`, runs the retry policy, and plans and assembles
+batches. The twins only make the calls, block or await, and sleep.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import ModuleType, TracebackType
+from typing import Any, Literal, TypedDict
+
+import numpy as np
+from tritonclient.utils import InferenceServerException
+
+from braintumor.config import CHANNELS, DEFAULT_URL, HEATMAP_NAME, INPUT_NAME, LABELS, MODEL_NAME, OUTPUT_NAME
+from braintumor.errors import BrainTumorError, ModelMismatchError, ModelNotReadyError, from_triton, retry_delay
+from braintumor.model_repository import PREPROCESSING_PARAMETER
+from braintumor.prediction import Prediction
+from braintumor.preprocessing import ImageSource, Preprocessing
+
+#: How ``predict_batch`` sends: ``packed`` requests of up to the model's max batch size, one after the other,
+#: or ``concurrent`` batch-1 requests that Triton's dynamic batcher groups.
+Strategy = Literal["packed", "concurrent"]
+#: The images of one ``predict_batch`` call.
+Images = Sequence[ImageSource]
+STRATEGIES: tuple[str, ...] = ("packed", "concurrent")
+#: Seconds between two readiness checks of ``wait_until_ready``.
+READY_POLL_INTERVAL = 0.2
+#: Deadline of one readiness check, in seconds (or the client's ``timeout`` when shorter).
+READY_POLL_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the SDK learned about the served model on connect.
+
+    Args:
+        name: model name.
+        versions: versions the metadata lists.
+        image_size: side of the square input the model takes.
+        max_batch_size: largest batch per request.
+        heatmap_size: side of the Grad-CAM grid the model returns, or 0 when it returns none.
+        version: the version requests go to: the one pinned, else the latest served at connect time.
+        preprocessing: the preprocessing that version was trained with (from the model configuration's
+            ``preprocessing/<version>`` parameter; a plain resize when the configuration has none at all).
+        by_version: the preprocessing of every version the configuration lists.
+    """
+
+    name: str
+    versions: tuple[str, ...]
+    image_size: int
+    max_batch_size: int
+    heatmap_size: int = 0
+    version: str = ""
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    by_version: dict[str, Preprocessing] = field(default_factory=dict)
+
+    def preprocessing_of(self, version: str) -> Preprocessing:
+        """The preprocessing of ``version`` (e.g. a prediction's ``model_version``), as the configuration says."""
+        if version in self.by_version:
+            return self.by_version[version]
+        return self.preprocessing if version == self.version else Preprocessing(self.image_size)
+
+
+def _preprocessings(config: dict[str, Any], image_size: int) -> dict[str, Preprocessing]:
+    found = {}
+    for key, parameter in config.get("parameters", {}).items():
+        if not key.startswith(PREPROCESSING_PARAMETER):
+            continue
+        version = key.removeprefix(PREPROCESSING_PARAMETER)
+        try:
+            preprocessing = Preprocessing.from_json(parameter.get("string_value", ""))
+        except ValueError as err:  # json.JSONDecodeError is a ValueError
+            raise ModelMismatchError(f"version {version}'s preprocessing parameter cannot be used: {err}") from err
+        if preprocessing.size != image_size:
+            raise ModelMismatchError(
+                f"version {version}'s preprocessing makes {preprocessing.size}-pixel images, the model takes "
+                f"{image_size}"
+            )
+        found[version] = preprocessing
+    return found
+
+
+def _preprocessing(by_version: dict[str, Preprocessing], version: str, image_size: int) -> Preprocessing:
+    if version in by_version:
+        return by_version[version]
+    if by_version:  # other versions declare theirs: guessing this one's could feed it the wrong tensors
+        raise ModelMismatchError(
+            f"the model configuration declares no preprocessing for version {version} (it does for "
+            f"{', '.join(sorted(by_version))}): re-render it with the repository tools"
+        )
+    return Preprocessing(image_size)  # a configuration from before per-version preprocessing
+
+
+def check_model(metadata: dict[str, Any], config: dict[str, Any], version: str = "") -> ServedModel:
+    """Validate model metadata and configuration (as JSON dictionaries from tritonclient).
+
+    Args:
+        metadata: the model metadata.
+        config: the model configuration.
+        version: the version pinned by the client; ``""`` resolves to the latest version the metadata lists
+            (the one Triton answers unversioned requests with), so that the SDK knows which version's
+            preprocessing to apply, and sends to that version.
+
+    Raises:
+        ModelMismatchError: naming exactly what differs.
+    """
+    name = metadata.get("name", "?")
+    inputs = {i["name"]: i for i in metadata.get("inputs", [])}
+    outputs = {o["name"]: o for o in metadata.get("outputs", [])}
+    problems = []
+    image = inputs.get(INPUT_NAME)
+    if image is None:
+        problems.append(f"no input named {INPUT_NAME!r} (inputs: {sorted(inputs)})")
+    else:
+        shape = [int(d) for d in image["shape"]]
+        if image["datatype"] != "UINT8":
+            problems.append(f"input {INPUT_NAME!r} is {image['datatype']}, the SDK sends UINT8")
+        if len(shape) != 4 or shape[3] != CHANNELS or shape[1] != shape[2] or shape[1] <= 0:
+            problems.append(f"input {INPUT_NAME!r} has shape {shape}, the SDK sends [batch, N, N, {CHANNELS}]")
+    probabilities = outputs.get(OUTPUT_NAME)
+    if probabilities is None:
+        problems.append(f"no output named {OUTPUT_NAME!r} (outputs: {sorted(outputs)})")
+    elif probabilities["datatype"] != "FP32" or [int(d) for d in probabilities["shape"]][-1] != len(LABELS):
+        problems.append(
+            f"output {OUTPUT_NAME!r} is {probabilities['datatype']} {probabilities['shape']}, the SDK reads FP32 "
+            f"[batch, {len(LABELS)}]"
+        )
+    heatmap = outputs.get(HEATMAP_NAME)
+    heatmap_size = 0
+    if heatmap is not None:
+        dims = [int(d) for d in heatmap["shape"]]
+        if heatmap["datatype"] != "FP32" or len(dims) != 4 or dims[1] != len(LABELS) or dims[2] != dims[3]:
+            problems.append(
+                f"output {HEATMAP_NAME!r} is {heatmap['datatype']} {dims}, the SDK reads FP32 "
+                f"[batch, {len(LABELS)}, N, N]"
+            )
+        else:
+            heatmap_size = dims[2]
+    if problems:
+        raise ModelMismatchError(f"model {name} does not match this SDK: " + "; ".join(problems))
+    listed = tuple(metadata.get("versions", []))
+    numeric = [v for v in listed if v.isdigit()]
+    resolved = version or (max(numeric, key=int) if numeric else "")
+    image_size = int(image["shape"][1])
+    by_version = _preprocessings(config, image_size)
+    return ServedModel(
+        name=name,
+        versions=listed,
+        image_size=image_size,
+        max_batch_size=int(config.get("max_batch_size", 1)) or 1,
+        heatmap_size=heatmap_size,
+        version=resolved,
+        preprocessing=_preprocessing(by_version, resolved, image_size),
+        by_version=by_version,
+    )
+
+
+def requested_outputs(model: ServedModel, explain: bool, explain_label: str | None) -> list[str]:
+    """The outputs to ask for; checks that an explanation can be served.
+
+    Raises:
+        ModelMismatchError: when ``explain`` is set and the model serves no heatmap.
+        ValueError: when ``explain_label`` is not a known label.
+    """
+    if explain_label is not None and explain_label not in LABELS:
+        raise ValueError(f"explain_label must be one of {', '.join(LABELS)}, got {explain_label!r}")
+    if not explain:
+        return [OUTPUT_NAME]
+    if not model.heatmap_size:
+        raise ModelMismatchError(f"model {model.name} serves no {HEATMAP_NAME!r} output: it cannot explain")
+    return [OUTPUT_NAME, HEATMAP_NAME]
+
+
+def to_predictions(result: Any, latency_ms: float, explain: bool, explain_label: str | None) -> list[Prediction]:
+    """Turn a tritonclient (sync or aio) result into one :class:`Prediction` per image."""
+    response = result.get_response()
+    probabilities = result.as_numpy(OUTPUT_NAME)
+    heatmaps = result.as_numpy(HEATMAP_NAME) if explain else None
+    return [
+        Prediction.from_probabilities(
+            row,
+            response.model_name,
+            response.model_version,
+            latency_ms,
+            heatmaps=None if heatmaps is None else np.asarray(heatmaps[i]),
+            explain_label=explain_label,
+        )
+        for i, row in enumerate(probabilities)
+    ]
+
+
+class Attempt:
+    """One try of a call under the SDK's retry policy (:func:`braintumor.errors.retry_delay`).
+
+    A context manager around the call: a tritonclient failure becomes :attr:`delay`, the wait before the next
+    try, or raises the translated SDK error when it is not retryable or the retries are spent.
+
+    Args:
+        number: the try, from 0.
+        during: what the SDK is doing, for error messages.
+        retries: further tries after the first.
+        backoff: the first wait, in seconds (doubles each time).
+    """
+
+    def __init__(self, number: int, during: str, retries: int, backoff: float) -> None:
+        self.number, self.during, self.retries, self.backoff = number, during, retries, backoff
+        self.delay = 0.0
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> bool:
+        if not isinstance(error, InferenceServerException):
+            return False
+        self.delay = retry_delay(
+            error, during=self.during, attempt=self.number, retries=self.retries, backoff=self.backoff
+        )
+        return True
+
+
+class Poll:
+    """One readiness check of ``wait_until_ready``: a context manager that keeps a tritonclient failure as
+    :attr:`last` (translated), so that waiting goes on and the final error can say what went wrong."""
+
+    def __init__(self, during: str) -> None:
+        self.during = during
+        self.last: BrainTumorError | None = None
+
+    def __enter__(self) -> Poll:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> bool:
+        if not isinstance(error, InferenceServerException):
+            return False
+        self.last = from_triton(error, during=self.during)
+        return True
+
+
+class BatchOptions(TypedDict, total=False):
+    """The keyword options of ``predict_batch`` (both clients); see :class:`Batch`."""
+
+    frame: int | None
+    explain: bool
+    explain_label: str | None
+    return_errors: bool
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What ``predict_batch`` was asked (see :meth:`braintumor.classifier.TumorClassifier.predict_batch`).
+
+    Args:
+        images: the images, in order.
+        strategy: ``packed`` or ``concurrent``.
+        workers: threads that preprocess, and requests in flight for ``concurrent``.
+        frame: the frame of multi-frame images.
+        explain: also fetch each image's Grad-CAM map.
+        explain_label: the class to explain instead of the predicted one.
+        return_errors: put each failed image's :class:`BrainTumorError` in its place instead of raising it.
+    """
+
+    images: Sequence[ImageSource]
+    strategy: Strategy = "concurrent"
+    workers: int = 8
+    frame: int | None = None
+    explain: bool = False
+    explain_label: str | None = None
+    return_errors: bool = False
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be 'packed' or 'concurrent', got {self.strategy!r}")
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent at once: one at a time when packed, ``workers`` when concurrent."""
+        return 1 if self.strategy == "packed" else max(1, self.workers)
+
+    def preprocess(self, served: ServedModel) -> list[np.ndarray | BrainTumorError]:
+        """Each image's tensor for ``served``'s version, preprocessed by ``workers`` threads (decoding and
+        cropping release the GIL); a failed image's error in its place when ``return_errors``.
+
+        Raises:
+            InvalidImageError: the first image that cannot be used, unless ``return_errors``.
+        """
+
+        def one(image: ImageSource) -> np.ndarray | BrainTumorError:
+            try:
+                return served.preprocessing(image, self.frame)
+            except BrainTumorError as err:
+                if not self.return_errors:
+                    raise
+                return err
+
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            return list(pool.map(one, self.images))
+
+    def requests(self, served: ServedModel, tensors: list[Any]) -> list[tuple[list[int], np.ndarray]]:
+        """The requests to send: the indices of the images each carries, and their stacked pixels."""
+        usable = [i for i, tensor in enumerate(tensors) if isinstance(tensor, np.ndarray)]
+        step = served.max_batch_size if self.strategy == "packed" else 1
+        chunks = [usable[k : k + step] for k in range(0, len(usable), step)]
+        return [(chunk, np.stack([tensors[i] for i in chunk])) for chunk in chunks]
+
+    def assemble(
+        self, tensors: list[Any], requests: list[tuple[list[int], np.ndarray]], outcomes: Sequence[Any], follow: bool
+    ) -> list[Prediction | BrainTumorError]:
+        """One result per image, in input order, from each request's predictions or exception.
+
+        Args:
+            tensors: :meth:`preprocess`'s output.
+            requests: :meth:`requests`' output.
+            outcomes: per request, its predictions or the exception it raised.
+            follow: raise a :class:`ModelNotReadyError` even when ``return_errors``, so that the client can
+                follow a new latest version and send again.
+
+        Raises:
+            BrainTumorError: the first failure in input order, unless ``return_errors``.
+        """
+        results: list[Any] = list(tensors)
+        for (indices, _), outcome in zip(requests, outcomes, strict=True):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, BrainTumorError):
+                raise outcome
+            for n, i in enumerate(indices):
+                results[i] = outcome if isinstance(outcome, BrainTumorError) else outcome[n]
+        for result in results:
+            if isinstance(result, BrainTumorError) and (
+                not self.return_errors or (follow and isinstance(result, ModelNotReadyError))
+            ):
+                raise result
+        return results
+
+
+class ClientCore:
+    """Settings, requests, checks and decoding shared by :class:`~braintumor.classifier.TumorClassifier` and
+    :class:`~braintumor.aio.AsyncTumorClassifier`.
+
+    Args:
+        url: the server's gRPC ``host:port``.
+        model_name: the served model.
+        model_version: a version to pin, or ``None`` for the latest version the server serves when the
+            client connects (requests then go to that version, whose preprocessing the client applies;
+            when the server stops serving it, the client reconnects to the new latest once and sends again).
+        timeout: deadline of each call, in seconds.
+        retries: further attempts after a retryable failure.
+        backoff: first wait between attempts, in seconds (doubles each time).
+        ssl: use TLS; ``root_certificates``, ``private_key`` and ``certificate_chain`` are PEM file paths
+            (server CA, client key and certificate for mutual TLS).
+        check: check the served model's metadata before the first request: the synchronous client does it in
+            its constructor, the asynchronous one on entering ``async with`` (see ``connect``).
+    """
+
+    #: The tritonclient gRPC module the twin talks through (``tritonclient.grpc`` or its ``aio``).
+    transport: ModuleType
+    #: Whether the constructor itself checks the served model (only a blocking client can).
+    connects_on_init = False
+    #: Seconds between two readiness checks.
+    _poll_interval = READY_POLL_INTERVAL
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        model_name: str = MODEL_NAME,
+        model_version: str | None = None,
+        *,
+        timeout: float = 10.0,
+        retries: int = 2,
+        backoff: float = 0.2,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+        private_key: str | None = None,
+        certificate_chain: str | None = None,
+        check: bool = True,
+    ) -> None:
+        self.url, self.model_name, self.model_version = url, model_name, model_version
+        self.timeout, self.retries, self.backoff, self.check = timeout, retries, backoff, check
+        self._client = self.transport.InferenceServerClient(
+            url,
+            ssl=ssl,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+        )
+        self.model: ServedModel | None = None
+        if check and self.connects_on_init:
+            self.connect()
+
+    def connect(self) -> Any:  # pragma: no cover - each twin defines it
+        """Read and check the served model's metadata (each twin's own)."""
+        raise NotImplementedError
+
+    # -- retry policy and readiness ---------------------------------------------------------------------
+    def _attempts(self, during: str) -> Iterator[Attempt]:
+        """The tries of one call; the last one raises instead of asking for another."""
+        for number in range(self.retries + 1):
+            yield Attempt(number, during, self.retries, self.backoff)
+
+    def _polls(self, timeout: float) -> Iterator[Poll]:
+        """Readiness checks until ``timeout`` seconds have passed; then raise :class:`ModelNotReadyError`."""
+        deadline = time.monotonic() + timeout
+        poll = Poll(f"waiting for {self.model_name} at {self.url}")
+        while time.monotonic() < deadline:
+            yield poll
+        reason = f" (last error: {poll.last})" if poll.last else ""
+        raise ModelNotReadyError(f"{self.model_name} at {self.url} was not ready within {timeout:.0f} s{reason}")
+
+    # -- request building -------------------------------------------------------------------------------
+    @property
+    def _version(self) -> str:
+        return self.model_version or ""
+
+    @property
+    def _follows_latest(self) -> bool:
+        """Whether a failure of the version requests went to may be met by following the new latest one."""
+        return not self.model_version and self.model is not None
+
+    def _metadata_request(self) -> tuple[dict[str, Any], str]:
+        """The arguments of ``get_model_metadata`` and ``get_model_config``, and what they are for."""
+        request = {"model_name": self.model_name, "model_version": self._version, "as_json": True}
+        return {**request, "client_timeout": self.timeout}, f"reading the metadata of {self.model_name} at {self.url}"
+
+    def _ready_request(self) -> dict[str, Any]:
+        """The arguments of one readiness check."""
+        timeout = min(self.timeout, READY_POLL_TIMEOUT)
+        return {"model_name": self.model_name, "model_version": self._version, "client_timeout": timeout}
+
+    def _connected(self, metadata: dict[str, Any], config: dict[str, Any]) -> ServedModel:
+        """Check what ``connect`` read, and keep it (:attr:`model`)."""
+        self.model = check_model(metadata, config["config"], self._version)
+        return self.model
+
+    def _infer_request(
+        self, served: ServedModel, pixels: np.ndarray, explain: bool, explain_label: str | None
+    ) -> tuple[dict[str, Any], str]:
+        """The arguments of ``infer`` for ``pixels``, sent to exactly the version ``served`` names (the one
+        whose preprocessing made them, even when another thread or task reconnects meanwhile)."""
+        names = requested_outputs(served, explain, explain_label)
+        image = self.transport.InferInput(INPUT_NAME, list(pixels.shape), "UINT8")
+        image.set_data_from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8))
+        request = {
+            "model_name": self.model_name,
+            "inputs": [image],
+            "model_version": served.version,
+            "outputs": [self.transport.InferRequestedOutput(name) for name in names],
+            "client_timeout": self.timeout,
+        }
+        return request, f"classifying with {self.model_name} at {self.url}"

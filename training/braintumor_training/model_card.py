@@ -329,9 +329,14 @@ def render_model_card(
             "```",
             "",
             "".join(
-                f"A first phase ran {phase['epochs']} epochs in {phase['seconds'] / 60:.0f} minutes; the next started "
-                "from its best checkpoint with a new warm-up and cosine cycle. "
-                for phase in earlier
+                f"Phase {k} ran {phase['epochs']} epochs in {phase['seconds'] / 60:.0f} minutes. "
+                for k, phase in enumerate(earlier, start=1)
+            )
+            + (
+                "Each later phase started from the previous one's best checkpoint with a new warm-up and cosine "
+                f"cycle. This last phase (phase {len(earlier) + 1}): "
+                if earlier
+                else ""
             )
             + f"{epochs} epochs, {seconds / 60:.0f} minutes of training on {versions.get('cpus', '?')} CPU cores"
             + (

@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Protocol
 from braintumor.config import MODEL_NAME
 from braintumor_serving.balancer import BalancerError
 from braintumor_serving.drain import wait_idle
+from braintumor_serving.triton import http_ready
 
 
 class Rotation(Protocol):
@@ -121,11 +121,7 @@ class ServeReplica:
 
     def is_ready(self) -> bool:
         """Whether the server answers ready (every served version loaded and warmed up)."""
-        try:
-            with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/v2/health/ready", timeout=1) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ready(f"{self.host}:{self.http_port}")
 
     def versions(self) -> list[int]:
         """The versions of the model it serves now."""

@@ -179,6 +179,20 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             sock.close()
 
 
+def http_ready(http_url: str, timeout: float = 1.0) -> bool:
+    """Whether a Triton HTTP endpoint answers ``/v2/health/ready`` with 200 (every model loaded and warmed up).
+
+    Args:
+        http_url: ``host:port`` of the HTTP endpoint.
+        timeout: seconds to wait for the answer.
+    """
+    try:
+        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def read_metric(metrics_url: str, name: str, **labels: str) -> float:
     """Sum of the samples of one Prometheus metric (those matching ``labels``) read from ``metrics_url``."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -413,11 +427,7 @@ class TritonServer:
 
     def is_ready(self) -> bool:
         """Whether ``/v2/health/ready`` answers 200 (every model loaded and warmed up)."""
-        try:
-            with urllib.request.urlopen(f"http://{self.local_http_url}/v2/health/ready", timeout=1) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ready(self.local_http_url)
 
     def wait_until_ready(self, timeout: float = 120.0) -> None:
         """Wait for readiness.

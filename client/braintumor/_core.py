@@ -10,6 +10,9 @@ batches. The twins only make the calls, block or await, and sleep.
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +24,15 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from braintumor.config import CHANNELS, DEFAULT_URL, HEATMAP_NAME, INPUT_NAME, LABELS, MODEL_NAME, OUTPUT_NAME
-from braintumor.errors import BrainTumorError, ModelMismatchError, ModelNotReadyError, from_triton, retry_delay
+from braintumor.errors import (
+    BrainTumorError,
+    InvalidTargetError,
+    ModelMismatchError,
+    ModelNotReadyError,
+    ServerUnavailableError,
+    from_triton,
+    retry_delay,
+)
 from braintumor.model_repository import PREPROCESSING_PARAMETER
 from braintumor.prediction import Prediction
 from braintumor.preprocessing import ImageSource, Preprocessing
@@ -36,6 +47,127 @@ STRATEGIES: tuple[str, ...] = ("packed", "concurrent")
 READY_POLL_INTERVAL = 0.2
 #: Deadline of one readiness check, in seconds (or the client's ``timeout`` when shorter).
 READY_POLL_TIMEOUT = 2.0
+
+
+#: The channel's service configuration when a target names several servers: round-robin over the servers whose
+#: connection is ready, each watched by gRPC's client-side health checking (``grpc.health.v1.Health``; a server
+#: that does not implement it counts as healthy), so that a server that goes away is skipped.
+BALANCED_SERVICE_CONFIG = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+)
+DNS_PREFIX = "dns:///"
+
+
+def _host_port(entry: str, url: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` split, or :class:`InvalidTargetError` naming the whole ``url``."""
+    host, sep, port = entry.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]") if host.startswith("[") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or (":" in host and "[" not in entry):
+        raise InvalidTargetError(f"server address {entry!r} in {url!r} is not host:port (IPv6: [address]:port)")
+    return host, int(port)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _resolve(host: str, port: int, url: str) -> list[str]:
+    """Every address of ``host`` as ``address:port`` (an IP literal stays itself), or
+    :class:`ServerUnavailableError`."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise ServerUnavailableError(f"cannot resolve {host!r} of {url!r}: {err}") from err
+    addresses = dict.fromkeys(_address(str(info[4][0]), port) for info in found)
+    if not addresses:
+        raise ServerUnavailableError(f"{host!r} of {url!r} has no address")
+    return list(addresses)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a client sends: one server (``host:port``), several (``host:port,host:port``; names resolved at
+    once, each to its first address) or a DNS name with several addresses (``dns:///name:port``, resolved by
+    gRPC and again at each ``connect``).
+
+    Args:
+        url: what the user gave.
+        channel: the gRPC target of the client's channel.
+        servers: each server's ``address:port`` (empty for ``dns:///``: see :meth:`addresses`).
+        dns: ``(name, port)`` of a ``dns:///`` target.
+    """
+
+    url: str
+    channel: str
+    servers: tuple[str, ...]
+    dns: tuple[str, int] | None = None
+
+    @property
+    def balanced(self) -> bool:
+        """Whether requests are spread over several servers (a list or a DNS name)."""
+        return self.dns is not None or len(self.servers) > 1
+
+    def addresses(self) -> list[str]:
+        """The servers now: the list's, or the DNS name's current addresses.
+
+        Raises:
+            ServerUnavailableError: the name cannot be resolved.
+        """
+        return list(self.servers) if self.dns is None else _resolve(*self.dns, self.url)
+
+
+def parse_target(url: str) -> Target:
+    """Read a client's server address: ``host:port`` (used as it is, as always), a comma list
+    ``host:port,host:port`` (an ``ipv4:``/``ipv6:`` target that gRPC balances round-robin), or
+    ``dns:///name:port`` (gRPC's DNS resolver, every address of the name).
+
+    Raises:
+        InvalidTargetError: an empty list or entry, an entry that is not ``host:port``, IPv4 and IPv6 mixed.
+        ServerUnavailableError: a name in the list cannot be resolved.
+    """
+    text = url.strip()
+    if text.startswith("dns:"):
+        rest = text.removeprefix(DNS_PREFIX) if text.startswith(DNS_PREFIX) else text.removeprefix("dns:")
+        if "/" in rest or "," in rest:
+            raise InvalidTargetError(f"{url!r}: write a DNS target as dns:///name:port (one name, no authority)")
+        host, port = _host_port(rest, url)
+        return Target(url, f"{DNS_PREFIX}{_address(host, port)}", (), (host, port))
+    if "," not in text:
+        if not text:
+            raise InvalidTargetError("the server address is empty: give host:port, or several separated by commas")
+        return Target(url, url, (url,))
+    entries = [entry.strip() for entry in text.split(",")]
+    if not any(entries):
+        raise InvalidTargetError(f"the server list {url!r} is empty")
+    if not all(entries):
+        raise InvalidTargetError(f"the server list {url!r} has an empty entry")
+    servers = []
+    for entry in entries:
+        host, port = _host_port(entry, url)
+        servers.append(_resolve(host, port, url)[0])
+    servers = list(dict.fromkeys(servers))
+    families = {ipaddress.ip_address(s.rpartition(":")[0].strip("[]")).version for s in servers}
+    if len(families) > 1:
+        raise InvalidTargetError(f"the server list {url!r} mixes IPv4 and IPv6 addresses: use one family")
+    scheme = "ipv6" if families == {6} else "ipv4"
+    return Target(url, f"{scheme}:{','.join(servers)}", tuple(servers))
+
+
+def balanced_channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's own channel arguments (message sizes, keepalive) plus round-robin and health checking."""
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
+
+    keepalive = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.service_config", BALANCED_SERVICE_CONFIG),
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
 
 
 @dataclass(frozen=True)
@@ -345,7 +477,9 @@ class ClientCore:
     :class:`~braintumor.aio.AsyncTumorClassifier`.
 
     Args:
-        url: the server's gRPC ``host:port``.
+        url: the server's gRPC ``host:port``; or several, ``host:port,host:port``, or ``dns:///name:port`` for
+            every address of a name: requests then go round-robin to the servers that are up, and ``connect``
+            checks each server alone (see :func:`parse_target`, :meth:`_connected_servers`).
         model_name: the served model.
         model_version: a version to pin, or ``None`` for the latest version the server serves when the
             client connects (requests then go to that version, whose preprocessing the client applies;
@@ -383,13 +517,15 @@ class ClientCore:
     ) -> None:
         self.url, self.model_name, self.model_version = url, model_name, model_version
         self.timeout, self.retries, self.backoff, self.check = timeout, retries, backoff, check
-        self._client = self.transport.InferenceServerClient(
-            url,
-            ssl=ssl,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-        )
+        self.target = parse_target(url)
+        self._tls: dict[str, Any] = {
+            "ssl": ssl,
+            "root_certificates": root_certificates,
+            "private_key": private_key,
+            "certificate_chain": certificate_chain,
+        }
+        balanced = {"channel_args": balanced_channel_args()} if self.target.balanced else {}
+        self._client = self.transport.InferenceServerClient(self.target.channel, **self._tls, **balanced)
         self.model: ServedModel | None = None
         if check and self.connects_on_init:
             self.connect()
@@ -423,10 +559,54 @@ class ClientCore:
         """Whether a failure of the version requests went to may be met by following the new latest one."""
         return not self.model_version and self.model is not None
 
-    def _metadata_request(self) -> tuple[dict[str, Any], str]:
-        """The arguments of ``get_model_metadata`` and ``get_model_config``, and what they are for."""
+    def _metadata_request(self, server: str | None = None) -> tuple[dict[str, Any], str]:
+        """The arguments of ``get_model_metadata`` and ``get_model_config``, and what they are for (reading
+        from ``server``, one of several, or from the client's target)."""
         request = {"model_name": self.model_name, "model_version": self._version, "as_json": True}
-        return {**request, "client_timeout": self.timeout}, f"reading the metadata of {self.model_name} at {self.url}"
+        where = f"{server} (of {self.url})" if server else self.url
+        return {**request, "client_timeout": self.timeout}, f"reading the metadata of {self.model_name} at {where}"
+
+    def _server_client(self, server: str) -> Any:
+        """A client of one of the target's servers alone (its own channel), for the check on connect."""
+        return self.transport.InferenceServerClient(server, **self._tls)
+
+    def _connected_servers(self, read: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> ServedModel:
+        """Check what ``connect`` read from each of several servers: each matches this SDK, all serve the same
+        interface and preprocessing, and requests go to one version every server serves (the pinned one, or
+        the latest they all list); keep it (:attr:`model`).
+
+        Args:
+            read: per server that answered, its model metadata and configuration.
+
+        Raises:
+            ServerUnavailableError: no server answered.
+            ModelMismatchError: a server does not match the SDK, or two servers differ.
+        """
+        if not read:
+            raise ServerUnavailableError(f"no server of {self.url} answered")
+        version = self._version
+        if not version:
+            listed = [{v for v in metadata.get("versions", []) if v.isdigit()} for metadata, _ in read.values()]
+            common = set.intersection(*listed)
+            if not common and any(listed):
+                raise ModelMismatchError(f"the servers of {self.url} serve no version of {self.model_name} in common")
+            version = max(common, key=int) if common else ""
+        models = {}
+        for server, (metadata, config) in read.items():
+            try:
+                models[server] = check_model(metadata, config["config"], version)
+            except ModelMismatchError as err:
+                raise ModelMismatchError(f"{server} (of {self.url}): {err}") from err
+        (first, model), *others = models.items()
+        for server, other in others:
+            for what in ("name", "image_size", "max_batch_size", "heatmap_size", "preprocessing"):
+                if getattr(model, what) != getattr(other, what):
+                    raise ModelMismatchError(
+                        f"the servers of {self.url} serve different models: {what} is {getattr(model, what)} at "
+                        f"{first}, {getattr(other, what)} at {server}"
+                    )
+        self.model = model
+        return model
 
     def _ready_request(self) -> dict[str, Any]:
         """The arguments of one readiness check."""

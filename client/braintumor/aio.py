@@ -16,7 +16,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 
 from braintumor._core import Batch, BatchOptions, ClientCore, Images, ServedModel, Strategy, to_predictions
-from braintumor.errors import BrainTumorError, ModelNotReadyError
+from braintumor.errors import BrainTumorError, ModelNotReadyError, ServerUnavailableError
 from braintumor.prediction import Prediction
 from braintumor.preprocessing import ImageSource
 
@@ -52,10 +52,25 @@ class AsyncTumorClassifier(ClientCore):
         Raises:
             ServerUnavailableError, ModelNotReadyError, ModelMismatchError: as ``TumorClassifier.connect``.
         """
-        request, during = self._metadata_request()
-        metadata = await self._call(lambda: self._client.get_model_metadata(**request), during)
-        config = await self._call(lambda: self._client.get_model_config(**request), during)
-        return self._connected(metadata, config)
+        if not self.target.balanced:
+            return self._connected(*await self._read(self._client))
+        read = {}
+        for server in await asyncio.to_thread(self.target.addresses):
+            client = self._server_client(server)
+            try:
+                read[server] = await self._read(client, server)
+            except ServerUnavailableError:
+                if self.model is None:  # the first check wants every server; a later one, those still up
+                    raise
+            finally:
+                await client.close()
+        return self._connected_servers(read)
+
+    async def _read(self, client: grpcaio.InferenceServerClient, server: str | None = None) -> tuple[dict, dict]:
+        request, during = self._metadata_request(server)
+        metadata = await self._call(lambda: client.get_model_metadata(**request), during)
+        config = await self._call(lambda: client.get_model_config(**request), during)
+        return metadata, config
 
     async def wait_until_ready(self, timeout: float = 60.0) -> ServedModel:
         """Poll the model's readiness (without blocking the loop) until it is ready, then :meth:`connect`.

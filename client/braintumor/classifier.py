@@ -19,7 +19,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from braintumor._core import Batch, BatchOptions, ClientCore, Images, ServedModel, Strategy, to_predictions
-from braintumor.errors import BrainTumorError, DeadlineExceededError, ModelNotReadyError
+from braintumor.errors import BrainTumorError, DeadlineExceededError, ModelNotReadyError, ServerUnavailableError
 from braintumor.prediction import Prediction
 from braintumor.preprocessing import ImageSource
 
@@ -65,10 +65,25 @@ class TumorClassifier(ClientCore, AbstractContextManager):
             ModelNotReadyError: the model or version is not loaded.
             ModelMismatchError: its input or output is not what the SDK sends or reads.
         """
-        request, during = self._metadata_request()
-        metadata = self._call(lambda: self._client.get_model_metadata(**request), during)
-        config = self._call(lambda: self._client.get_model_config(**request), during)
-        return self._connected(metadata, config)
+        if not self.target.balanced:
+            return self._connected(*self._read(self._client))
+        read = {}
+        for server in self.target.addresses():
+            client = self._server_client(server)
+            try:
+                read[server] = self._read(client, server)
+            except ServerUnavailableError:
+                if self.model is None:  # the first check wants every server; a later one, those still up
+                    raise
+            finally:
+                client.close()
+        return self._connected_servers(read)
+
+    def _read(self, client: grpcclient.InferenceServerClient, server: str | None = None) -> tuple[dict, dict]:
+        request, during = self._metadata_request(server)
+        metadata = self._call(lambda: client.get_model_metadata(**request), during)
+        config = self._call(lambda: client.get_model_config(**request), during)
+        return metadata, config
 
     def wait_until_ready(self, timeout: float = 60.0) -> ServedModel:
         """Wait until the model is ready, then :meth:`connect`.

@@ -43,6 +43,10 @@ class InvalidImageError(BrainTumorError, ValueError, status="INVALID_ARGUMENT"):
     """The input is not a usable image (unreadable, truncated, too large, too small, no pixel data)."""
 
 
+class InvalidTargetError(BrainTumorError, ValueError, status="INVALID_ARGUMENT"):
+    """The server address cannot be used: an empty server list, an entry that is not ``host:port``."""
+
+
 class ServerUnavailableError(BrainTumorError, ConnectionError, status="UNAVAILABLE"):
     """The server cannot be reached (down, wrong address, TLS mismatch)."""
 

@@ -44,7 +44,12 @@ def expand_paths(arguments: Iterable[str]) -> list[tuple[str, Path | None]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``predict`` subcommand's options."""
     parser.add_argument("paths", nargs="+", help="image or DICOM files, folders, or glob patterns")
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
+    parser.add_argument(
+        "--url",
+        default=DEFAULT_URL,
+        help=f"Triton gRPC address (default {DEFAULT_URL}); several, host:port,host:port, or dns:///name:port "
+        "spread requests round-robin over the servers that are up",
+    )
     parser.add_argument("--model", default=MODEL_NAME)
     parser.add_argument("--model-version", default=None, help="pin a version (default: the latest served)")
     parser.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, in seconds")

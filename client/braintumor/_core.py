@@ -50,11 +50,10 @@ READY_POLL_TIMEOUT = 2.0
 
 
 #: The channel's service configuration when a target names several servers: round-robin over the servers whose
-#: connection is ready, each watched by gRPC's client-side health checking (``grpc.health.v1.Health``; a server
-#: that does not implement it counts as healthy), so that a server that goes away is skipped.
-BALANCED_SERVICE_CONFIG = json.dumps(
-    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
-)
+#: connection is ready, so that a server that goes away (its connection closes or cannot be made) is skipped
+#: until gRPC reconnects to it. No ``healthCheckConfig``: Triton 2.51 does not implement ``grpc.health.v1``
+#: (its ``Watch`` answers UNIMPLEMENTED, which gRPC logs as an error for every channel, then ignores).
+BALANCED_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 DNS_PREFIX = "dns:///"
 
 
@@ -154,7 +153,7 @@ def parse_target(url: str) -> Target:
 
 
 def balanced_channel_args() -> list[tuple[str, Any]]:
-    """tritonclient's own channel arguments (message sizes, keepalive) plus round-robin and health checking."""
+    """tritonclient's own channel arguments (message sizes, keepalive) plus round-robin balancing."""
     from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 
     keepalive = KeepAliveOptions()

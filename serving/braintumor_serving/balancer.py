@@ -273,10 +273,11 @@ class Balancer:
 
     def start(self, timeout: float = 10.0) -> Balancer:
         """Write the configuration, check it (``nginx -t``), start nginx in the foreground of a child
-        process, and wait until both ports accept connections.
+        process, and wait until both ports accept connections and its workers run (the master listens
+        before it forks them, so an open port alone does not mean a worker takes the connection yet).
 
         Args:
-            timeout: seconds to wait for the ports.
+            timeout: seconds to wait for the ports and the workers.
 
         Raises:
             BalancerError: when nginx refuses the configuration or exits.
@@ -289,13 +290,13 @@ class Balancer:
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
-        while not all(self._accepts(p) for p in (self.config.http_port, self.config.grpc_port)):
+        while not (all(self._accepts(p) for p in (self.config.http_port, self.config.grpc_port)) and self.workers()):
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
                 raise BalancerError(f"nginx exited (status {self.process.returncode}): {err.strip()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise BalancerError(f"nginx did not listen on {self.config.host} within {timeout:.0f} s")
+                raise BalancerError(f"nginx did not listen on {self.config.host} with workers within {timeout:.0f} s")
             time.sleep(0.05)
         return self
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from typing import Protocol
 from braintumor.config import MODEL_NAME
 from braintumor_serving.balancer import BalancerError
 from braintumor_serving.drain import wait_idle
-from braintumor_serving.triton import http_ready
+from braintumor_serving.triton import http_ready, terminate
 
 
 class Rotation(Protocol):
@@ -158,14 +157,7 @@ class ServeReplica:
         """
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return terminate(self.process, timeout)
 
     def kill(self) -> None:
         """SIGKILL ``serve``: its ``tritonserver`` dies with it (parent-death signal), as a crashed pod."""

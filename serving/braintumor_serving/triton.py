@@ -179,6 +179,23 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             sock.close()
 
 
+def terminate(process: subprocess.Popen, timeout: float) -> int | None:
+    """Stop a child gracefully with SIGTERM, SIGKILL it after ``timeout``; returns its exit status.
+
+    Args:
+        process: the child (already ended is fine).
+        timeout: seconds to wait for the graceful exit.
+    """
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def http_ready(http_url: str, timeout: float = 1.0) -> bool:
     """Whether a Triton HTTP endpoint answers ``/v2/health/ready`` with 200 (every model loaded and warmed up).
 
@@ -478,14 +495,7 @@ class TritonServer:
         """
         code = None
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
-            code = self.process.returncode
+            code = terminate(self.process, timeout)
         if self.shm_prefix:
             left = cleanup(self.shm_prefix)
             self.leftovers = Cleanup(self.leftovers.killed + left.killed, self.leftovers.regions + left.regions)

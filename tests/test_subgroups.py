@@ -11,6 +11,7 @@ from braintumor_training.dataset import ImageRecord
 from braintumor_training.external import ManifestRecord
 from braintumor_training.metrics import (
     binary_calibration_error,
+    calibration_intervals,
     fit_temperature,
     partial_label_metrics,
     set_log_likelihood,
@@ -197,7 +198,8 @@ def test_targets_are_met_missed_or_not_measured(external):
     assert results["T1 sensitivity"]["met"] is True and results["T1 sensitivity"]["low"] < 1.0
     assert results["T2 sensitivity"]["met"] is False and results["T2 sensitivity"]["value"] == 0.25
     assert results["FLAIR sensitivity"]["met"] is None
-    assert results["ECE"]["met"] is False and results["ECE"]["low"] is None
+    ece = results["ECE"]
+    assert ece["met"] is False and ece["low"] <= ece["value"] <= ece["high"]  # a bootstrap interval
     text = "\n".join(render_targets(list(results.values())))
     assert "T2 sensitivity ≥ 0.95: 0.2500 (95 % CI" in text and "**missed**" in text and "not measured" in text
 
@@ -237,3 +239,26 @@ def test_model_card_sections_need_the_external_metrics_and_show_both_versions(ex
     assert f"T2 {t2_old['value']:.3f} ({t2_old['low']:.3f}–{t2_old['high']:.3f})" in card  # version 2's figures
     assert "bright fluid meant no tumour" in card and "only the nearest of" in card
     assert "FLAIR has no labelled test slices" in card
+
+
+def test_calibration_intervals_are_seeded_cover_the_estimate_and_narrow_with_more_images():
+    rng = np.random.default_rng(3)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        p = rng.dirichlet([2.0] * len(LABELS), n)
+        # labels drawn from the probabilities themselves: a calibrated model, ECE near 0 for many images
+        labels = np.array([rng.choice(len(LABELS), p=row) for row in p])
+        return p, labels
+
+    p, labels = sample(300)
+    first, again = calibration_intervals(p, labels, resamples=300), calibration_intervals(p, labels, resamples=300)
+    assert first == again
+    ece = binary_calibration_error(1.0 - p[:, NO_TUMOR_INDEX], labels != NO_TUMOR_INDEX)
+    low, high = first["tumor_ece_interval"]
+    assert low <= ece <= high
+    p_big, labels_big = sample(6000)
+    big = calibration_intervals(p_big, labels_big, resamples=300)
+    assert big["ece_interval"][1] - big["ece_interval"][0] < first["ece_interval"][1] - first["ece_interval"][0]
+    assert big["ece_interval"][1] < 0.05  # calibrated by construction
+    untyped = calibration_intervals(p, np.full(len(p), -1), resamples=50)
+    assert untyped["ece_interval"] is None and untyped["tumor_ece_interval"] is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -60,16 +61,70 @@ def binary_calibration_error(probability: np.ndarray, positive: np.ndarray, bins
     Returns:
         ``Σ_b n_b / n · |mean(probability) − share positive|`` over the bins (0 for an empty input).
     """
-    probability, positive = np.asarray(probability, float), np.asarray(positive, bool)
-    if not len(probability):
+    return _calibration_gap(np.asarray(probability, float), np.asarray(positive, float), bins)
+
+
+def _calibration_gap(confidence: np.ndarray, outcome: np.ndarray, bins: int = 15) -> float:
+    """``Σ_b n_b / n · |mean(confidence) − mean(outcome)|`` over equal-width bins, i.e. ``Σ_b |Σ(o − c)| / n``."""
+    if not len(confidence):
         return 0.0
-    which = np.clip(np.digitize(probability, np.linspace(0.0, 1.0, bins + 1)[1:-1], right=True), 0, bins - 1)
-    error = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            error += mask.sum() / len(probability) * abs(probability[mask].mean() - positive[mask].mean())
-    return float(error)
+    which = np.clip(np.digitize(confidence, np.linspace(0.0, 1.0, bins + 1)[1:-1], right=True), 0, bins - 1)
+    return float(np.abs(np.bincount(which, weights=outcome - confidence, minlength=bins)).sum() / len(confidence))
+
+
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of a statistic of ``n`` images (for figures with no closed-form interval).
+
+    Calibration errors are biased upwards on small samples, and their bootstrap distribution is too: the
+    interval says how much the figure moves between samples of this size, not where an unbiased value lies.
+
+    Args:
+        statistic: maps the indices of a resample (``(n,)`` ints drawn with replacement) to the figure.
+        n: images in the set.
+        resamples: bootstrap resamples.
+        level: coverage of the interval.
+        seed: the resampling generator's seed (reports are reproducible).
+
+    Returns:
+        ``(low, high)``, or ``None`` for an empty set.
+    """
+    if n <= 0:
+        return None
+    generator = np.random.default_rng(seed)
+    values = np.array([statistic(generator.integers(0, n, n)) for _ in range(resamples)])
+    tail = (1.0 - level) / 2.0
+    return float(np.quantile(values, tail)), float(np.quantile(values, 1.0 - tail))
+
+
+def calibration_intervals(probabilities: np.ndarray, labels: np.ndarray, resamples: int = 1000) -> dict[str, Any]:
+    """Bootstrap 95 % intervals of the top-label ECE (images with a class) and of the tumour probability's ECE.
+
+    Args:
+        probabilities: ``(n, classes)`` calibrated probabilities.
+        labels: ``(n,)`` class indices, -1 for a tumour of no class (counted by the tumour ECE only).
+        resamples: bootstrap resamples.
+
+    Returns:
+        ``ece_interval`` and ``tumor_ece_interval``: ``[low, high]`` or ``None`` where nothing is counted.
+    """
+    probabilities, labels = np.asarray(probabilities, float), np.asarray(labels)
+    typed = np.flatnonzero(labels >= 0)
+    p_tumor, is_tumor = tumor_probability(probabilities), labels != NO_TUMOR_INDEX
+    confidence = probabilities[typed].max(axis=1)
+    correct = (probabilities[typed].argmax(axis=1) == labels[typed]).astype(float)
+    top = bootstrap_interval(lambda i: _calibration_gap(confidence[i], correct[i]), len(typed), resamples)
+    outcome = is_tumor.astype(float)
+    tumour = bootstrap_interval(lambda i: _calibration_gap(p_tumor[i], outcome[i]), len(labels), resamples, seed=1)
+    return {
+        "ece_interval": list(top) if top else None,
+        "tumor_ece_interval": list(tumour) if tumour else None,
+    }
 
 
 def set_log_likelihood(log_probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:

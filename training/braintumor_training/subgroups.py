@@ -20,7 +20,12 @@ from typing import Any
 import numpy as np
 
 from braintumor.config import LABELS, NO_TUMOR_INDEX, NO_TUMOR_LABEL
-from braintumor_training.metrics import binary_calibration_error, classification_metrics, partial_label_metrics
+from braintumor_training.metrics import (
+    binary_calibration_error,
+    calibration_intervals,
+    classification_metrics,
+    partial_label_metrics,
+)
 
 #: Two-sided 95 % standard normal quantile.
 Z95 = 1.959963984540054
@@ -206,6 +211,7 @@ def score_set(probabilities: np.ndarray, labels: np.ndarray, records: Sequence[A
             1.0 - probabilities[:, NO_TUMOR_INDEX], np.asarray(labels) != NO_TUMOR_INDEX
         )
         metrics["subgroups"] = subgroup_rows(probabilities, records, FOLDER_GROUPINGS, LABELS)
+    metrics.update(calibration_intervals(probabilities, labels))
     return metrics
 
 
@@ -274,7 +280,8 @@ def check_targets(sets: Mapping[str, Any], targets: Sequence[Target] = TARGETS) 
 
     Returns:
         For each target whose set was evaluated: ``name``, ``set``, ``bound``, ``at_most``, ``value``,
-        ``low``, ``high`` (the Wilson interval; ``None`` for calibration errors) and ``met`` (``None``
+        ``low``, ``high`` (the Wilson interval of a proportion, a seeded bootstrap interval of a calibration
+        error, ``None`` where not computed) and ``met`` (``None``
         where the subgroup is absent).
     """
     results = []
@@ -290,6 +297,9 @@ def check_targets(sets: Mapping[str, Any], targets: Sequence[Target] = TARGETS) 
                 value, low, high = cell["value"], cell["low"], cell["high"]
         elif scored.get(target.metric) is not None and not math.isnan(scored[target.metric]):
             value = float(scored[target.metric])
+            interval = scored.get(f"{target.metric}_interval")
+            if interval:
+                low, high = interval
         met = None if value is None else (value <= target.bound if target.at_most else value >= target.bound)
         results.append(
             {

@@ -58,17 +58,21 @@ def test_bench_runs_end_to_end_and_produces_every_row(triton, tmp_path):
         assert t["images_per_s"] > 0 and t["formed_batch"] >= 1.0
         assert t["latency_ms"]["p50"] <= t["latency_ms"]["p99"]
         assert t["server_us"]["compute_infer"] > 0
+        assert 0 < t["client_cores"] < 4 and 0 < t["server_cores"] < 4  # CPU the load generator and server used
         assert "triton-grpc-protocol-admin-key:KEY" in t["command"] and triton.config.admin_key not in t["command"]
     for r in results["in_process"]:
         assert 0 < r["fma_peak_fraction"] < 1 and r["gflop_per_image"] > 0.01
-    assert {"c16_over_best_in_process", "p99_overhead_ms"} <= set(results["ratios"][0])
+    assert {"c16_over_best_in_process", "p99_overhead_ms", "c16_per_server_core_over_best_per_core"} <= set(
+        results["ratios"][0]
+    )
+    assert all(0 < r["cores"] < 4 for r in results["in_process"])
     assert results["rss_served"]["stubs"] == 2 * len(served)  # two instances per version
     assert 0 < results["rss_served"]["total_pss_mb"] <= results["rss_served"]["total_mb"]
     assert results["cpu"]["gflop_per_s"] > 0 and any(k.startswith("ms_") for k in results["preprocessing"])
     assert len(results["targets"]) == 2 * len(served) + 2
     side_by_side.write(results, tmp_path)
     table = (tmp_path / "bench.txt").read_text()
-    for needed in ("in-process", "perf_analyzer", "server memory", "FMA", "preprocessing", "target"):
+    for needed in ("in-process", "perf_analyzer", "server memory", "FMA", "preprocessing", "target", "per server core"):
         assert needed in table
     assert json.loads((tmp_path / "bench.json").read_text())["versions"] == served
     assert (tmp_path / "bench.png").stat().st_size > 1000

@@ -16,10 +16,12 @@ from __future__ import annotations
 import csv
 import io
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +128,9 @@ class Measurement:
             infer and compute output (Triton's statistics extension).
         formed_batch: the average batch the server executed (inferences over executions).
         command: the command line, with the admin key replaced by ``KEY``.
+        client_cores: CPU cores perf_analyzer used on average over its run (its warm-up and windows).
+        server_cores: CPU cores the server (``tritonserver`` and its stubs) used over the same run, when its
+            process was given.
     """
 
     concurrency: int
@@ -135,6 +140,8 @@ class Measurement:
     server_us: dict[str, float]
     formed_batch: float | None
     command: str
+    client_cores: float | None = None
+    server_cores: float | None = None
 
 
 def command(
@@ -203,6 +210,7 @@ def run(
     version: str = "",
     window_ms: int = 5000,
     timeout: float = 300.0,
+    server_pid: int | None = None,
 ) -> Measurement:
     """Run perf_analyzer once against a server; batch-1 requests over gRPC.
 
@@ -215,6 +223,7 @@ def run(
         version: the model version ("" = latest).
         window_ms: length of each of the three measurement windows.
         timeout: seconds before the run is abandoned.
+        server_pid: the ``tritonserver`` process, to measure the CPU the server used (on the same machine).
 
     Raises:
         PerfAnalyzerError: with the end of its output when it fails.
@@ -230,6 +239,8 @@ def run(
             window_ms=window_ms,
             csv_file=report,
         )
+        before_client, before_server = _children_cpu_s(), process_tree_cpu_s(server_pid) if server_pid else 0.0
+        started = time.perf_counter()
         done = subprocess.run(
             [str(analyzer.binary), *args],
             env=analyzer.command_env(),
@@ -238,6 +249,9 @@ def run(
             timeout=timeout,
             check=False,
         )
+        wall = time.perf_counter() - started
+        client_cores = (_children_cpu_s() - before_client) / wall
+        server_cores = (process_tree_cpu_s(server_pid) - before_server) / wall if server_pid else None
         if done.returncode != 0 or not report.exists():
             tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
             raise PerfAnalyzerError(f"perf_analyzer failed (status {done.returncode}): {' | '.join(tail)}")
@@ -258,7 +272,31 @@ def run(
         server_us=parsed["server_us"],  # type: ignore[arg-type]
         formed_batch=inferences / executions if inferences and executions else None,
         command=" ".join(["perf_analyzer", *shown]),
+        client_cores=client_cores,
+        server_cores=server_cores,
     )
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) a process and its living children have used so far (Linux ``/proc``).
+
+    Args:
+        pid: the process (here ``tritonserver``; its children are the python backend's stubs).
+    """
+    total_ticks = 0
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for one in [pid, *(int(c) for c in (children.read_text().split() if children.exists() else []))]:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a stub that exited meanwhile
+            continue
+        total_ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> int:

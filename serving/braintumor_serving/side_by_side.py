@@ -78,6 +78,7 @@ def in_process(model: Path, outputs: list[str], pixels: np.ndarray, batch_size: 
     for _ in range(3):
         session.run(outputs, {INPUT_NAME: batch})
     times: list[float] = []
+    cpu_before = time.process_time()
     start = time.perf_counter()
     while time.perf_counter() - start < seconds or len(times) < 5:
         t = time.perf_counter()
@@ -85,7 +86,12 @@ def in_process(model: Path, outputs: list[str], pixels: np.ndarray, batch_size: 
         times.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - start
     throughput = len(times) * batch_size / elapsed
-    return {"batch_size": batch_size, "images_per_s": throughput, "latency_ms": _percentiles(times)}
+    return {
+        "batch_size": batch_size,
+        "images_per_s": throughput,
+        "latency_ms": _percentiles(times),
+        "cores": (time.process_time() - cpu_before) / elapsed,
+    }
 
 
 def model_gflop(model: Path, outputs: list[str] | None = None) -> float:
@@ -253,7 +259,7 @@ def run(
         for c in concurrencies:
             m = perf_analyzer.run(
                 analyzer, config.grpc_url, MODEL_NAME, concurrency=c, admin_key=config.admin_key,
-                version=version, window_ms=max(1000, int(seconds * 1000)),
+                version=version, window_ms=max(1000, int(seconds * 1000)), server_pid=server.process.pid,
             )  # fmt: skip
             point = dict(m.__dict__, version=version, precision=served_precision, outputs="all")
             gflop = model_gflop(files[served_precision])
@@ -270,6 +276,15 @@ def run(
                 best_in_process_batch=best["batch_size"],
                 c16_over_best_in_process=by_c[16]["images_per_s"] / best["images_per_s"],
             )
+            # Per CPU core used: the load generator shares the cores, so the server had fewer than in-process.
+            if by_c[16].get("server_cores") and best.get("cores"):
+                per_core = by_c[16]["images_per_s"] / by_c[16]["server_cores"]
+                entry.update(
+                    c16_client_cores=by_c[16]["client_cores"],
+                    c16_server_cores=by_c[16]["server_cores"],
+                    best_in_process_cores=best["cores"],
+                    c16_per_server_core_over_best_per_core=per_core / (best["images_per_s"] / best["cores"]),
+                )
         one = [r for r in same if r["batch_size"] == 1]
         if 1 in by_c and one:
             entry.update(
@@ -349,6 +364,12 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(
                 f"v{r['version']}: c16 {r['c16_images_per_s']:.1f} images/s = {r['c16_over_best_in_process']:.2f}x "
                 f"the best in-process ({r['best_in_process_images_per_s']:.1f} at batch {r['best_in_process_batch']})"
+            )
+        if "c16_per_server_core_over_best_per_core" in r:
+            lines.append(
+                f"v{r['version']}: at c16 the server used {r['c16_server_cores']:.2f} cores and perf_analyzer "
+                f"{r['c16_client_cores']:.2f} (in-process: {r['best_in_process_cores']:.2f}); per server core the "
+                f"server reaches {r['c16_per_server_core_over_best_per_core']:.2f}x the best in-process per core"
             )
         if "p99_overhead_ms" in r:
             lines.append(

@@ -23,7 +23,16 @@ from typing import Any, Literal, TypedDict
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
-from braintumor.config import CHANNELS, DEFAULT_URL, HEATMAP_NAME, INPUT_NAME, LABELS, MODEL_NAME, OUTPUT_NAME
+from braintumor.config import (
+    ANSWERED_BY_OUTPUT,
+    CHANNELS,
+    DEFAULT_URL,
+    HEATMAP_NAME,
+    INPUT_NAME,
+    LABELS,
+    MODEL_NAME,
+    OUTPUT_NAME,
+)
 from braintumor.errors import (
     BrainTumorError,
     InvalidTargetError,
@@ -183,6 +192,7 @@ class ServedModel:
         preprocessing: the preprocessing that version was trained with (from the model configuration's
             ``preprocessing/<version>`` parameter; a plain resize when the configuration has none at all).
         by_version: the preprocessing of every version the configuration lists.
+        answered_by: whether the model serves the ``answered_by`` output (a canary: the version that answered).
     """
 
     name: str
@@ -193,6 +203,7 @@ class ServedModel:
     version: str = ""
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     by_version: dict[str, Preprocessing] = field(default_factory=dict)
+    answered_by: bool = False
 
     def preprocessing_of(self, version: str) -> Preprocessing:
         """The preprocessing of ``version`` (e.g. a prediction's ``model_version``), as the configuration says."""
@@ -292,11 +303,13 @@ def check_model(metadata: dict[str, Any], config: dict[str, Any], version: str =
         version=resolved,
         preprocessing=_preprocessing(by_version, resolved, image_size),
         by_version=by_version,
+        answered_by=outputs.get(ANSWERED_BY_OUTPUT, {}).get("datatype") == "INT32",
     )
 
 
 def requested_outputs(model: ServedModel, explain: bool, explain_label: str | None) -> list[str]:
-    """The outputs to ask for; checks that an explanation can be served.
+    """The outputs to ask for (``answered_by`` too where the model serves it); checks that an explanation can be
+    served.
 
     Raises:
         ModelMismatchError: when ``explain`` is set and the model serves no heatmap.
@@ -304,23 +317,35 @@ def requested_outputs(model: ServedModel, explain: bool, explain_label: str | No
     """
     if explain_label is not None and explain_label not in LABELS:
         raise ValueError(f"explain_label must be one of {', '.join(LABELS)}, got {explain_label!r}")
+    extra = [ANSWERED_BY_OUTPUT] if model.answered_by else []
     if not explain:
-        return [OUTPUT_NAME]
+        return [OUTPUT_NAME, *extra]
     if not model.heatmap_size:
         raise ModelMismatchError(f"model {model.name} serves no {HEATMAP_NAME!r} output: it cannot explain")
-    return [OUTPUT_NAME, HEATMAP_NAME]
+    return [OUTPUT_NAME, HEATMAP_NAME, *extra]
 
 
 def to_predictions(result: Any, latency_ms: float, explain: bool, explain_label: str | None) -> list[Prediction]:
-    """Turn a tritonclient (sync or aio) result into one :class:`Prediction` per image."""
+    """Turn a tritonclient (sync or aio) result into one :class:`Prediction` per image.
+
+    Each prediction's ``model_version`` is the version that answered: the ``answered_by`` output where the
+    result has it (a canary's routing version), else the response's model version.
+
+    Args:
+        result: the ``InferResult``.
+        latency_ms: the request's latency, for each prediction.
+        explain: whether the result holds heatmaps.
+        explain_label: the label whose heatmap to keep, or ``None`` for the predicted one.
+    """
     response = result.get_response()
     probabilities = result.as_numpy(OUTPUT_NAME)
     heatmaps = result.as_numpy(HEATMAP_NAME) if explain else None
+    answered_by = result.as_numpy(ANSWERED_BY_OUTPUT)
     return [
         Prediction.from_probabilities(
             row,
             response.model_name,
-            response.model_version,
+            response.model_version if answered_by is None else str(int(answered_by[i][0])),
             latency_ms,
             heatmaps=None if heatmaps is None else np.asarray(heatmaps[i]),
             explain_label=explain_label,

@@ -33,6 +33,11 @@ OUTPUT_NAME: Final[str] = "probabilities"
 #: Output tensor: float32 Grad-CAM maps of every class, shape [batch, len(LABELS), h, w], each scaled to [0, 1]
 #: (h × w is the last convolution's grid: 5 × 5 for a 160-pixel input).
 HEATMAP_NAME: Final[str] = "heatmap"
+#: Output tensor, only in a canary's configuration (``braintumor serve --canary N``): int32, shape [batch, 1], the
+#: model version whose graph computed each image's answer (the routing version has some of its requests answered
+#: by the candidate). The SDK asks for it when the model serves it, and reports it as the prediction's
+#: ``model_version``. (Triton 2.51's python backend cannot set response parameters, hence a tensor.)
+ANSWERED_BY_OUTPUT: Final[str] = "answered_by"
 #: Largest batch a served model accepts.
 MAX_BATCH_SIZE: Final[int] = 32
 

@@ -106,6 +106,15 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         ],
     ),
     (
+        "Canary candidate: share of requests sent to it, and share it failed (alert above 1% failed)",
+        "percentunit",
+        [
+            ("braintumor:canary_candidate:share_rate30m", "share sent: {{candidate}} (primary v{{primary}})"),
+            ("braintumor:canary_fallback:ratio_rate30m", "failed (primary answered): {{candidate}}"),
+            ("0.01 + 0 * max(braintumor:canary_asked:increase30m)", "alert threshold"),
+        ],
+    ),
+    (
         "Client latency (load generator)",
         "s",
         [

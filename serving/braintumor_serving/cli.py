@@ -49,6 +49,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"braintumor serve: ${args.admin_key_env} is empty or unset", file=sys.stderr)
             return 2
         config.admin_key = key
+    if args.canary is not None or args.canary_share is not None:
+        return _serve_canary(args, config, policy)
     if args.shadow is None:
         return serve(config, ready_timeout=args.ready_timeout, restart=policy)
     import tempfile
@@ -67,6 +69,42 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(
             f"Shadow: version {spec.primary} answers; {spec.candidate_model} (version {spec.candidate_version}) "
             "gets a copy of its requests; agreement on the metrics port (braintumor_shadow_*)",
+            flush=True,
+        )
+        return serve(config, ready_timeout=args.ready_timeout, restart=policy)
+
+
+def _serve_canary(args: argparse.Namespace, config: Any, policy: Any) -> int:
+    """``serve --canary N --canary-share F``: the canary's runtime repository, then the server (one line and exit
+    status 2 for what cannot be served)."""
+    import tempfile
+
+    from braintumor_serving.shadow import ShadowError, canary_repository, parse_share
+    from braintumor_serving.triton import serve
+
+    try:
+        if args.shadow is not None:
+            raise ShadowError("--canary and --shadow cannot be combined: shadow a version first, then canary it")
+        if args.canary is None or args.canary_share is None:
+            raise ShadowError("--canary N and --canary-share F go together (e.g. --canary 4 --canary-share 0.05)")
+        share = parse_share(args.canary_share)
+    except ShadowError as err:
+        print(f"braintumor serve: {err}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="braintumor-canary-") as folder:
+        config.repository = Path(folder) / "model_repository"
+        try:
+            spec = canary_repository(
+                Path(args.repository), args.canary, config.repository, share, config_name=args.model_config_name
+            )
+        except (ShadowError, OSError) as err:
+            print(f"braintumor serve: {err}", file=sys.stderr)
+            return 2
+        print(
+            f"Canary: requests that name no version reach routing version {spec.router}, which has "
+            f"{spec.candidate_model} (version {spec.candidate_version}) answer {spec.share:.1%} of them and "
+            f"version {spec.primary} the rest; pinned versions answer for themselves; the output answered_by "
+            "names the version that answered; counts on the metrics port (braintumor_canary_requests_total)",
             flush=True,
         )
         return serve(config, ready_timeout=args.ready_timeout, restart=policy)
@@ -179,6 +217,23 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="shadow rollout: serve version N as the model <name>_candidate, which gets a copy of the current "
         "version's requests; callers never see its answers (see README: Shadow rollout)",
+    )
+    parser.add_argument(
+        "--canary",
+        type=int,
+        default=None,
+        metavar="N",
+        help="canary (with --canary-share; not with --shadow): serve version N as the model <name>_candidate, "
+        "and have it answer a share of the requests that name no version (the current version answers the "
+        "rest, and every request that pins a published version); the extra output answered_by names the "
+        "version that answered; a failed candidate request is answered by the current version "
+        "(see README: Shadow rollout, canary and promotion)",
+    )
+    parser.add_argument(
+        "--canary-share",
+        default=None,
+        metavar="F",
+        help="with --canary: the share of unversioned requests the candidate answers, 0 < F < 1 (e.g. 0.05)",
     )
     parser.add_argument(
         "--restart",

@@ -18,6 +18,22 @@ candidate (a BLS request) and counts, per image, in Triton's metrics (port 8002)
 
 The candidate's answers never reach a caller, and a shadow failure never fails a caller's request. The
 report (``python -m braintumor_serving.shadow report --metrics URL``) summarises a period.
+
+The canary, the step after a passing shadow (``braintumor serve --canary N --canary-share F``,
+:func:`canary_repository`), serves the same candidate model, but the candidate's answers reach a share of the
+callers. Triton does not tell a backend whether a request named a version, so the runtime repository gets a
+*routing version* ``R`` (one above every published version, a hard link of the primary's files): the requests
+that name no version reach it as the latest, and its backend (configuration parameter ``canary``, JSON of
+:class:`CanarySpec`) sends a seeded-random share ``F`` of them to the candidate (a synchronous BLS request)
+and answers the rest with the primary's graph. Requests that pin a published version reach that version's
+own instances and are never diverted. The configuration gets one more output, ``answered_by``
+(:data:`braintumor.config.ANSWERED_BY_OUTPUT`, int32 ``[batch, 1]``): the version whose graph answered each
+image (Triton 2.51's python backend cannot set response parameters); the SDK asks for it and reports it. A
+failed candidate request is answered by the primary instead (a canary failure never fails a caller), and
+counted:
+
+- ``braintumor_canary_requests_total{answered_by="primary"|"candidate"|"fallback"}``: requests of the routing
+  version answered by the primary, by the candidate, and by the primary after the candidate failed.
 """
 
 from __future__ import annotations
@@ -32,11 +48,19 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from braintumor.config import MODEL_NAME, NO_TUMOR_INDEX
-from braintumor.model_repository import CONFIG_FILE, CPU_CONFIG_NAME, LABELS_FILE, PREPROCESSING_FILE, versions
+from braintumor.config import ANSWERED_BY_OUTPUT, MODEL_NAME, NO_TUMOR_INDEX
+from braintumor.model_repository import (
+    CONFIG_FILE,
+    CPU_CONFIG_NAME,
+    LABELS_FILE,
+    PREPROCESSING_FILE,
+    PREPROCESSING_PARAMETER,
+    versions,
+)
 
 #: The model configuration parameter that turns the shadow on (JSON of :class:`ShadowSpec`).
 PARAMETER = "shadow"
@@ -49,10 +73,21 @@ OUTCOMES = ("compared", "error", "dropped")
 KINDS = ("class", "tumour", "probability")
 #: Disagreement rate above which the report's verdict (and the alert rule) says the candidate is not ready.
 DEFAULT_MAX_DISAGREEMENT = 0.02
+#: The model configuration parameter that turns the canary on (JSON of :class:`CanarySpec`).
+CANARY_PARAMETER = "canary"
+CANARY_REQUESTS = "braintumor_canary_requests_total"
+#: Who answered a request of the canary's routing version (the label ``answered_by``).
+ANSWERED_BY = ("primary", "candidate", "fallback")
+#: Share of canary requests answered by the primary after a candidate failure above which the report fails.
+DEFAULT_MAX_FALLBACK = 0.01
 
 
 class ShadowError(ValueError):
     """The shadow cannot be set up (unknown candidate, nothing left to serve, different preprocessing)."""
+
+
+class CanaryError(ShadowError):
+    """The canary cannot be set up (a bad share, or any of :class:`ShadowError`'s reasons)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +132,83 @@ class ShadowSpec:
         if spec.queue < 1 or spec.timeout_s <= 0:
             raise ShadowError(f"invalid shadow parameter {text!r}: queue must be ≥ 1 and timeout_s > 0")
         return spec
+
+
+@dataclass(frozen=True)
+class CanarySpec:
+    """What the routing version's backend needs to send a share of its requests to the candidate.
+
+    Args:
+        primary: the version whose graph answers the requests not diverted (the routing version runs its files).
+        router: the routing version: the latest of the runtime repository, which requests naming no version reach.
+        candidate_model: the model name the candidate is served under.
+        candidate_version: the candidate's version.
+        share: the probability (0 < share < 1) that one request is answered by the candidate.
+        seed: the seed of each routing instance's random generator (mixed with the instance's name).
+        timeout_s: seconds the candidate has for one request before the primary answers it instead.
+    """
+
+    primary: int
+    router: int
+    candidate_model: str
+    candidate_version: int
+    share: float
+    seed: int = 0
+    timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        """Check the fields (``CanaryError`` for a share outside (0, 1) or a timeout that is not positive)."""
+        try:
+            share, timeout = float(self.share), float(self.timeout_s)
+            int(self.primary), int(self.router), int(self.candidate_version), int(self.seed)
+        except (TypeError, ValueError) as err:
+            raise CanaryError(f"invalid canary spec: {err}") from err
+        if not 0.0 < share < 1.0:
+            raise CanaryError(f"the canary share must be between 0 and 1 (exclusive), got {self.share!r}")
+        if not timeout > 0:
+            raise CanaryError(f"the canary timeout must be positive, got {self.timeout_s!r}")
+
+    def to_json(self) -> str:
+        """The spec as the JSON of the ``canary`` parameter."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CanarySpec:
+        """Parse the ``canary`` parameter.
+
+        Args:
+            text: its JSON.
+
+        Raises:
+            CanaryError: when it is not a valid spec.
+        """
+        try:
+            fields = json.loads(text)
+            if not isinstance(fields, dict):
+                raise TypeError("not a JSON object")
+            return cls(**fields)
+        except CanaryError as err:
+            raise CanaryError(f"invalid canary parameter {text!r}: {err}") from err
+        except (TypeError, ValueError) as err:
+            raise CanaryError(f"invalid canary parameter {text!r}: {err}") from err
+
+
+def parse_share(text: str) -> float:
+    """A canary share from the command line: a number strictly between 0 and 1.
+
+    Args:
+        text: e.g. ``"0.05"``.
+
+    Raises:
+        CanaryError: when it is not such a number.
+    """
+    try:
+        share = float(text)
+    except ValueError:
+        raise CanaryError(f"the canary share must be a number between 0 and 1 (exclusive), got {text!r}") from None
+    if not 0.0 < share < 1.0:  # also refuses nan
+        raise CanaryError(f"the canary share must be between 0 and 1 (exclusive), got {text!r}")
+    return share
 
 
 @dataclass(frozen=True)
@@ -147,6 +259,68 @@ def _rename(config: str, name: str) -> str:
     return re.sub(r'(?m)^name: ".*"$', f'name: "{name}"', config, count=1)
 
 
+def _check(source: Path, candidate: int, model: str, config_name: str, error: type[ShadowError]) -> tuple[int, Path]:
+    """The primary (the latest version but the candidate) and the configuration's path, once the candidate is
+    checked (the checks of :func:`shadow_repository`, raising ``error``)."""
+    model_dir = source / model
+    published = versions(model_dir)
+    if candidate not in published:
+        raise error(f"version {candidate} of {model} is not in {source} (published: {published})")
+    others = [v for v in published if v != candidate]
+    if not others:
+        raise error(f"{model} has no version besides {candidate} to serve beside it")
+    primary = others[-1]
+    config_path = model_dir / "configs" / f"{config_name}.pbtxt"
+    if not config_path.is_file() or 'backend: "onnxruntime_python"' not in config_path.read_text():
+        raise error(f"the candidate needs the onnxruntime_python backend's configuration ({config_path})")
+
+    def spec_text(version: int) -> str:
+        path = model_dir / str(version) / PREPROCESSING_FILE
+        return json.dumps(json.loads(path.read_text()), sort_keys=True) if path.exists() else "plain resize"
+
+    if spec_text(primary) != spec_text(candidate):
+        raise error(
+            f"version {candidate} has another preprocessing than version {primary} "
+            f"({spec_text(candidate)} against {spec_text(primary)}): one tensor cannot stand for one image to both"
+        )
+    return primary, config_path
+
+
+def _parameter(key: str, value: str) -> str:
+    text = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'parameters {{ key: "{key}" value: {{ string_value: "{text}" }} }}\n'
+
+
+def _write(
+    source: Path, candidate: int, destination: Path, model: str, config_name: str, candidate_model: str
+) -> tuple[Path, str]:
+    """Copy the repository without the candidate's version, and serve the candidate alone as ``candidate_model``
+    (one instance); the model's folder in ``destination`` and its configuration's text are for the caller to
+    finish."""
+    model_dir = source / model
+    config_path = model_dir / "configs" / f"{config_name}.pbtxt"
+
+    def copy(src: Path, dst: Path) -> None:
+        shutil.copytree(src, dst, copy_function=_link_or_copy)
+
+    destination.mkdir(parents=True, exist_ok=True)
+    for other in sorted(p for p in source.iterdir() if p.is_dir() and p.name != model):
+        copy(other, destination / other.name)
+    ours = destination / model
+    # copied, not linked: its configuration is rewritten, and a hard link would rewrite the source's
+    shutil.copytree(model_dir, ours, ignore=lambda d, names: [str(candidate)] if Path(d) == model_dir else [])
+    config = config_path.read_text()
+    theirs = destination / candidate_model
+    (theirs / "configs").mkdir(parents=True)
+    copy(model_dir / str(candidate), theirs / str(candidate))
+    shutil.copy2(model_dir / LABELS_FILE, theirs / LABELS_FILE)
+    one_instance = re.sub(r"instance_group \[ \{ count: \d+", "instance_group [ { count: 1", config)
+    (theirs / "configs" / f"{config_name}.pbtxt").write_text(_rename(one_instance, candidate_model))
+    if (model_dir / CONFIG_FILE).exists():
+        (theirs / CONFIG_FILE).write_text(_rename((model_dir / CONFIG_FILE).read_text(), candidate_model))
+    return ours, config
+
+
 def shadow_repository(
     source: Path,
     candidate: int,
@@ -176,51 +350,88 @@ def shadow_repository(
             python backend's, or the candidate's preprocessing differs from the primary's (the same tensor
             would then not mean the same image to both).
     """
-    model_dir = source / model
-    published = versions(model_dir)
-    if candidate not in published:
-        raise ShadowError(f"version {candidate} of {model} is not in {source} (published: {published})")
-    others = [v for v in published if v != candidate]
-    if not others:
-        raise ShadowError(f"{model} has no version besides {candidate} to shadow it behind")
-    primary = others[-1]
-    config_path = model_dir / "configs" / f"{config_name}.pbtxt"
-    if not config_path.is_file() or 'backend: "onnxruntime_python"' not in config_path.read_text():
-        raise ShadowError(f"the shadow needs the onnxruntime_python backend's configuration ({config_path})")
-
-    def spec_text(version: int) -> str:
-        path = model_dir / str(version) / PREPROCESSING_FILE
-        return json.dumps(json.loads(path.read_text()), sort_keys=True) if path.exists() else "plain resize"
-
-    if spec_text(primary) != spec_text(candidate):
-        raise ShadowError(
-            f"version {candidate} has another preprocessing than version {primary} "
-            f"({spec_text(candidate)} against {spec_text(primary)}): one tensor cannot stand for one image to both"
-        )
+    primary, _ = _check(source, candidate, model, config_name, ShadowError)
     spec = ShadowSpec(primary, model + CANDIDATE_SUFFIX, candidate, queue, probability_tolerance)
-
-    def copy(src: Path, dst: Path) -> None:
-        shutil.copytree(src, dst, copy_function=_link_or_copy)
-
-    destination.mkdir(parents=True, exist_ok=True)
-    for other in sorted(p for p in source.iterdir() if p.is_dir() and p.name != model):
-        copy(other, destination / other.name)
-    ours = destination / model
-    shutil.copytree(model_dir, ours, ignore=lambda d, names: [str(candidate)] if Path(d) == model_dir else [])
-    config = config_path.read_text()
-    parameter = spec.to_json().replace("\\", "\\\\").replace('"', '\\"')
+    ours, config = _write(source, candidate, destination, model, config_name, spec.candidate_model)
     (ours / "configs" / f"{config_name}.pbtxt").write_text(
-        config + "# Shadow rollout (braintumor serve --shadow): the primary copies its requests to the candidate.\n"
-        f'parameters {{ key: "{PARAMETER}" value: {{ string_value: "{parameter}" }} }}\n'
+        config
+        + "# Shadow rollout (braintumor serve --shadow): the primary copies its requests to the candidate.\n"
+        + _parameter(PARAMETER, spec.to_json())
     )
-    theirs = destination / spec.candidate_model
-    (theirs / "configs").mkdir(parents=True)
-    copy(model_dir / str(candidate), theirs / str(candidate))
-    shutil.copy2(model_dir / LABELS_FILE, theirs / LABELS_FILE)
-    one_instance = re.sub(r"instance_group \[ \{ count: \d+", "instance_group [ { count: 1", config)
-    (theirs / "configs" / f"{config_name}.pbtxt").write_text(_rename(one_instance, spec.candidate_model))
-    if (model_dir / CONFIG_FILE).exists():
-        (theirs / CONFIG_FILE).write_text(_rename((model_dir / CONFIG_FILE).read_text(), spec.candidate_model))
+    return spec
+
+
+def _serve_router_too(config: str, router: int) -> str:
+    """The configuration with its version policy widened by the routing version, so that the published versions
+    it served beside the primary stay served."""
+    latest = re.search(r"version_policy:\s*\{\s*latest:\s*\{\s*num_versions:\s*(\d+)\s*\}\s*\}", config)
+    if latest:
+        wider = f"version_policy: {{ latest: {{ num_versions: {int(latest.group(1)) + 1} }} }}"
+        return config[: latest.start()] + wider + config[latest.end() :]
+    specific = re.search(r"(version_policy:\s*\{\s*specific:\s*\{\s*versions:\s*\[)([^\]]*)\]", config)
+    if specific:
+        listed = f"{specific.group(2).strip()}, {router}" if specific.group(2).strip() else str(router)
+        return config[: specific.start()] + f"{specific.group(1)}{listed}]" + config[specific.end() :]
+    if "version_policy" not in config:  # Triton's default, latest 1, plus the routing version
+        return config + "version_policy: { latest: { num_versions: 2 } }\n"
+    return config  # all
+
+
+def canary_repository(
+    source: Path,
+    candidate: int,
+    destination: Path,
+    share: float,
+    model: str = MODEL_NAME,
+    config_name: str = CPU_CONFIG_NAME,
+    seed: int = 0,
+    timeout_s: float = 5.0,
+) -> CanarySpec:
+    """Write the repository whose unversioned requests a canary share of go to ``candidate``.
+
+    As :func:`shadow_repository`, ``destination/<model>_candidate`` holds the candidate alone (one instance) and
+    ``destination/<model>`` every other version. Beside them, ``<model>`` gets the routing version ``R`` (one
+    above every published version; the primary's files, hard-linked): the latest, so requests that name no
+    version (and SDK clients that do not pin one, which resolve the latest) reach it. Its configuration gets the
+    ``canary`` parameter (:class:`CanarySpec`), a ``preprocessing/R`` parameter equal to the primary's, the output
+    ``answered_by`` (int32 ``[batch, 1]``: which version's graph answered each image; every version of the model
+    answers it), and a version policy that serves one version more (``latest: k`` becomes ``k + 1``), so every
+    published version that was served stays served, answering only for itself.
+
+    Args:
+        source: the model repository.
+        candidate: the version to send the share to.
+        destination: an empty or absent folder.
+        share: the share of the routing version's requests the candidate answers, 0 < share < 1.
+        model: the model whose versions these are.
+        config_name: the configuration ``serve`` uses (the canary needs the ``onnxruntime_python`` backend).
+        seed: see :class:`CanarySpec`.
+        timeout_s: see :class:`CanarySpec`.
+
+    Raises:
+        CanaryError: a bad share, or any reason :func:`shadow_repository` refuses for.
+    """
+    primary, _ = _check(source, candidate, model, config_name, CanaryError)
+    router = max(versions(source / model)) + 1
+    spec = CanarySpec(primary, router, model + CANDIDATE_SUFFIX, candidate, share, seed, timeout_s)
+    ours, config = _write(source, candidate, destination, model, config_name, spec.candidate_model)
+    shutil.copytree(source / model / str(primary), ours / str(router), copy_function=_link_or_copy)
+    key = f"{PREPROCESSING_PARAMETER}{primary}"
+    preprocessing = re.search(
+        rf'parameters \{{ key: "{re.escape(key)}" value: \{{ string_value: "((?:[^"\\]|\\.)*)" \}} \}}', config
+    )
+    extra = ""
+    if preprocessing:
+        escaped = preprocessing.group(1)  # already escaped for the text format
+        extra = f'parameters {{ key: "{PREPROCESSING_PARAMETER}{router}" value: {{ string_value: "{escaped}" }} }}\n'
+    (ours / "configs" / f"{config_name}.pbtxt").write_text(
+        _serve_router_too(config, router)
+        + f"# Canary (braintumor serve --canary): version {router} routes; a share of its requests go to the "
+        "candidate.\n"
+        + f'output [ {{ name: "{ANSWERED_BY_OUTPUT}" data_type: TYPE_INT32 dims: [ 1 ] }} ]\n'
+        + _parameter(CANARY_PARAMETER, spec.to_json())
+        + extra
+    )
     return spec
 
 
@@ -243,13 +454,14 @@ def read_counters(metrics_url: str) -> dict[str, float]:
 
     Returns:
         ``{"compared": …, "error": …, "dropped": …, "class": …, "tumour": …, "probability": …,
-        "abs_diff_sum": …}``.
+        "abs_diff_sum": …, "canary_primary": …, "canary_candidate": …, "canary_fallback": …}`` (the last three
+        are the canary's requests by who answered them).
     """
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
-    counters = dict.fromkeys((*OUTCOMES, *KINDS, "abs_diff_sum"), 0.0)
+    counters = dict.fromkeys((*OUTCOMES, *KINDS, "abs_diff_sum", *(f"canary_{a}" for a in ANSWERED_BY)), 0.0)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == IMAGES and sample.labels.get("outcome") in OUTCOMES:
@@ -258,6 +470,8 @@ def read_counters(metrics_url: str) -> dict[str, float]:
                 counters[sample.labels["kind"]] += sample.value
             elif sample.name == ABS_DIFF_SUM:
                 counters["abs_diff_sum"] += sample.value
+            elif sample.name == CANARY_REQUESTS and sample.labels.get("answered_by") in ANSWERED_BY:
+                counters[f"canary_{sample.labels['answered_by']}"] += sample.value
     return counters
 
 
@@ -312,6 +526,58 @@ def summarise(counters: dict[str, float], max_disagreement: float = DEFAULT_MAX_
     }
 
 
+def summarise_canary(counters: dict[str, float], max_fallback: float = DEFAULT_MAX_FALLBACK) -> dict[str, object]:
+    """Summary of a canary period: requests by who answered, the candidate's observed share, the fallbacks.
+
+    The candidate was *asked* for ``candidate + fallback`` requests (the observed share, with its Wilson
+    interval, is that over all requests); ``fallback`` of them it failed. The verdict is ``pass`` when the upper
+    bound of the fallback rate's interval (fallbacks among the requests the candidate was asked for) is at most
+    ``max_fallback``, ``fail`` when its lower bound is above it, else ``undecided`` (too few requests).
+
+    Args:
+        counters: :func:`read_counters` (or a difference of two).
+        max_fallback: the highest acceptable share of the candidate's requests that it failed.
+    """
+    primary, candidate, fallback = (counters.get(f"canary_{a}", 0.0) for a in ANSWERED_BY)
+    total, asked = primary + candidate + fallback, candidate + fallback
+    share_low, share_high = wilson(asked, total)
+    low, high = wilson(fallback, asked)
+    if asked and low > max_fallback:
+        verdict = "fail"
+    elif asked and high <= max_fallback:
+        verdict = "pass"
+    else:
+        verdict = "undecided"
+    return {
+        "requests": int(total),
+        "answered_by": {"primary": int(primary), "candidate": int(candidate), "fallback": int(fallback)},
+        "candidate_share": {"asked": asked / total if total else None, "ci95": [share_low, share_high]},
+        "fallback_rate": {"rate": fallback / asked if asked else None, "ci95": [low, high]},
+        "max_fallback": max_fallback,
+        "verdict": verdict,
+    }
+
+
+def format_canary(summary: dict[str, Any]) -> str:
+    """A readable text of :func:`summarise_canary`'s result.
+
+    Args:
+        summary: what :func:`summarise_canary` returned.
+    """
+    by, share, fallback = summary["answered_by"], summary["candidate_share"], summary["fallback_rate"]
+    asked = "n/a" if share["asked"] is None else f"{share['asked']:.4f}"
+    rate = "n/a" if fallback["rate"] is None else f"{fallback['rate']:.4f}"
+    return "\n".join(
+        [
+            f"canary requests {summary['requests']}: primary {by['primary']}, candidate {by['candidate']}, "
+            f"fallback {by['fallback']} (candidate failed, primary answered)",
+            f"candidate share asked {asked} (95 % CI {share['ci95'][0]:.4f}–{share['ci95'][1]:.4f})",
+            f"fallback rate {rate} (95 % CI {fallback['ci95'][0]:.4f}–{fallback['ci95'][1]:.4f})",
+            f"canary verdict: {summary['verdict']} (fallbacks at most {summary['max_fallback']} of its requests)",
+        ]
+    )
+
+
 def format_summary(summary: dict[str, object]) -> str:
     """A readable text of :func:`summarise`'s result.
 
@@ -332,19 +598,28 @@ def format_summary(summary: dict[str, object]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m braintumor_serving.shadow report``: summarise a shadow period.
+    """``python -m braintumor_serving.shadow report``: summarise a shadow or canary period.
+
+    A period with canary requests also gets :func:`summarise_canary` (the key ``canary``), and the verdict is
+    the canary's (the worse of both when the period also shadowed).
 
     Args:
         argv: the arguments (default: the command line).
     """
     parser = argparse.ArgumentParser(prog="python -m braintumor_serving.shadow", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("report", help="summarise the shadow counters of a period")
+    p = sub.add_parser("report", help="summarise the shadow (and canary) counters of a period")
     p.add_argument("--metrics", default="http://127.0.0.1:8002/metrics", help="Triton's metrics URL")
     p.add_argument("--since", default=None, help="a snapshot saved by --save: report the period since then")
     p.add_argument("--save", default=None, help="also save the counters read now to this file (a snapshot)")
     p.add_argument("--seconds", type=float, default=0.0, help="read, wait this long, and report that period")
     p.add_argument("--max-disagreement", type=float, default=DEFAULT_MAX_DISAGREEMENT)
+    p.add_argument(
+        "--max-fallback",
+        type=float,
+        default=DEFAULT_MAX_FALLBACK,
+        help="canary: the highest acceptable share of the candidate's requests it failed",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     try:
@@ -363,7 +638,15 @@ def main(argv: list[str] | None = None) -> int:
         print("shadow report: the counters went down since the snapshot (the server restarted)", file=sys.stderr)
         return 2
     summary = summarise(period, args.max_disagreement)
-    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    text = format_summary(summary)
+    if any(period[f"canary_{a}"] for a in ANSWERED_BY):  # a canary period: its summary, and its verdict
+        canary = summarise_canary(period, args.max_fallback)
+        summary["canary"] = canary
+        shadowed = any(period[o] for o in OUTCOMES)
+        verdicts = {str(canary["verdict"]), *([str(summary["verdict"])] if shadowed else [])}
+        summary["verdict"] = next(v for v in ("fail", "undecided", "pass") if v in verdicts)
+        text = (text + "\n" if shadowed else "") + format_canary(canary)
+    print(json.dumps(summary, indent=1) if args.json else text)
     return {"pass": 0, "undecided": 3}.get(str(summary["verdict"]), 1)
 
 

@@ -18,7 +18,13 @@ Runtime otherwise computes every output at every call), ``shadow`` (JSON set by 
 see :mod:`braintumor_serving.shadow`: the named primary version copies each request's images and answer to a
 bounded queue once its answer is computed, and a background thread has the candidate answer them too and
 counts the agreement in Triton's metrics; nothing of it reaches the caller, and no shadow failure fails a
-request).
+request), ``canary`` (JSON set by ``braintumor serve --canary``, see :mod:`braintumor_serving.shadow`: the
+named routing version, which runs the primary's files, answers a seeded-random share of its requests from the
+candidate through a synchronous BLS request and the rest itself; a failed candidate request is answered by
+the primary instead; ``braintumor_canary_requests_total{answered_by=…}`` counts them). A configuration output
+named ``answered_by`` (int32, ``[batch, 1]``; the canary's configuration has it) is not the graph's: every
+version answers it with the version whose graph computed each image's answer (Triton 2.51's python backend
+cannot set response parameters).
 """
 
 from __future__ import annotations
@@ -184,6 +190,76 @@ class _Shadow:
         self.thread.join(timeout)
 
 
+class _Canary:
+    """The routing version's side of a canary: which requests go to the candidate, asking it, and the counts.
+
+    Args:
+        spec: the ``canary`` parameter, parsed.
+        inputs: the model's input tensors' names.
+        labels: the metrics' labels for this instance (``model_instance`` among them: it seeds the generator).
+        warmup_requests: how many requests Triton's warm-up sends this instance first (never diverted nor counted).
+    """
+
+    def __init__(self, spec: Any, inputs: list[str], labels: dict[str, str], warmup_requests: int) -> None:
+        import zlib
+
+        from braintumor_serving import shadow
+
+        self.spec, self.inputs, self.warmup, self.errors = spec, inputs, warmup_requests, 0
+        self.rng = np.random.default_rng([int(spec.seed), zlib.crc32(labels["model_instance"].encode())])
+        family = pb_utils.MetricFamily(
+            name=shadow.CANARY_REQUESTS,
+            description="requests of the canary's routing version, by the version that answered",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self._family = family  # the family must outlive its metrics
+        self.counters = {a: family.Metric(labels={**labels, "answered_by": a}) for a in shadow.ANSWERED_BY}
+
+    def choose(self) -> bool | None:
+        """Whether the next request goes to the candidate; ``None`` for one of Triton's warm-up requests."""
+        if self.warmup > 0:
+            self.warmup -= 1
+            return None
+        return bool(self.rng.random() < self.spec.share)
+
+    def ask(self, request: Any, wanted: list[str], answered_by: str | None) -> Any | None:
+        """The candidate's answer to ``request`` as this model's response, or ``None`` when it failed (logged
+        the first time and every thousandth).
+
+        Args:
+            request: the caller's request.
+            wanted: the graph's outputs it asks for (the candidate is asked for these).
+            answered_by: the name of the ``answered_by`` output when the request asks for it too.
+        """
+        try:
+            inputs = [pb_utils.Tensor(n, pb_utils.get_input_tensor_by_name(request, n).as_numpy()) for n in self.inputs]
+            response = pb_utils.InferenceRequest(
+                model_name=self.spec.candidate_model,
+                model_version=int(self.spec.candidate_version),
+                inputs=inputs,
+                requested_output_names=wanted,
+                timeout=int(self.spec.timeout_s * 1e6),
+            ).exec()
+            if response.has_error():
+                raise RuntimeError(response.error().message())
+            tensors = [pb_utils.Tensor(n, pb_utils.get_output_tensor_by_name(response, n).as_numpy()) for n in wanted]
+            if answered_by is not None:
+                images = len(tensors[0].as_numpy()) if tensors else len(inputs[0].as_numpy())
+                version = np.full((images, 1), int(self.spec.candidate_version), np.int32)
+                tensors.append(pb_utils.Tensor(answered_by, version))
+            answer = pb_utils.InferenceResponse(output_tensors=tensors)
+        except Exception as err:  # the primary answers instead: a canary failure never fails a caller
+            if self.errors % 1000 == 0:
+                pb_utils.Logger.log_warn(
+                    f"canary: candidate {self.spec.candidate_model} version {self.spec.candidate_version} failed "
+                    f"({self.errors + 1} failed requests so far; the primary answered them): {err}"
+                )
+            self.errors += 1
+            return None
+        self.counters["candidate"].increment(1)
+        return answer
+
+
 class TritonPythonModel:
     """Triton's python-backend model interface: ``initialize``, ``execute``, ``finalize``."""
 
@@ -199,7 +275,11 @@ class TritonPythonModel:
         session_inputs = {i.name for i in self.session.get_inputs()}
         session_outputs = {o.name for o in self.session.get_outputs()}
         self.inputs = [i["name"] for i in config["input"]]
-        self.outputs = [o["name"] for o in config["output"]]
+        #: the configuration's ``answered_by`` output, answered by this backend rather than the graph
+        self.answered_by = next((o["name"] for o in config["output"] if o["name"] == "answered_by"), None)
+        self.outputs = [o["name"] for o in config["output"] if o["name"] != self.answered_by]
+        #: the version this instance's own answers come from (the routing version runs the primary's files)
+        self.version = int(args["model_version"])
         missing = sorted((set(self.inputs) - session_inputs) | (set(self.outputs) - session_outputs))
         if missing:
             raise pb_utils.TritonModelException(
@@ -237,6 +317,24 @@ class TritonPythonModel:
                 )
                 self.shadow = _Shadow(spec, self.inputs[0], self.outputs[0], labels, warmup)
 
+        self.canary: _Canary | None = None
+        if params.get("canary"):
+            from braintumor_serving.shadow import CanarySpec
+
+            canary = CanarySpec.from_json(params["canary"])
+            if int(args["model_version"]) == canary.router:
+                labels = {
+                    "model": args["model_name"],
+                    "primary": str(canary.primary),
+                    "candidate": f"{canary.candidate_model}/{canary.candidate_version}",
+                    "model_instance": args["model_instance_name"],
+                }
+                warmup = sum(
+                    int(w.get("batch_size", 1)) * max(1, int(w.get("count", 1))) for w in config.get("model_warmup", [])
+                )
+                self.canary = _Canary(canary, self.inputs, labels, warmup)
+                self.version = canary.primary
+
     @staticmethod
     def _warm_up(session: ort.InferenceSession, config: dict[str, Any], outputs: list[str]) -> None:
         """Run a batch of 1 and a full batch (Triton's ``model_warmup`` reaches only the full session)."""
@@ -254,12 +352,31 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """Run the ``requests`` as one ONNX Runtime batch per session they need; one response per request,
-        in order."""
-        wanted = [set(r.requested_output_names()) or set(self.outputs) for r in requests]
+        in order. On a canary's routing version, the requests drawn for the candidate are answered by it first
+        (those it fails join the batch).
+
+        Args:
+            requests: Triton's requests for this instance.
+        """
+        asked = [set(r.requested_output_names()) for r in requests]
+        #: the graph's outputs each request wants (all when it names none), and whether it wants ``answered_by``
+        wanted = [(names - {self.answered_by}) if names else set(self.outputs) for names in asked]
+        versions = [self.answered_by is not None and (not names or self.answered_by in names) for names in asked]
+        responses: list[Any] = [None] * len(requests)
+        #: who answers each request this instance answers itself, for the canary's counters
+        answered: dict[int, str] = {}
+        if self.canary is not None:
+            for k, request in enumerate(requests):
+                chosen = self.canary.choose()
+                if chosen:
+                    outputs = [n for n in self.outputs if n in wanted[k]]
+                    responses[k] = self.canary.ask(request, outputs, self.answered_by if versions[k] else None)
+                if chosen is not None and responses[k] is None:
+                    answered[k] = "fallback" if chosen else "primary"
         groups: dict[int, list[int]] = {}
         for k, names in enumerate(wanted):
-            groups.setdefault(self._session_for(names), []).append(k)
-        responses: list[Any] = [None] * len(requests)
+            if responses[k] is None:
+                groups.setdefault(self._session_for(names), []).append(k)
         for index, members in groups.items():
             names, session = self.sessions[index]
             try:
@@ -274,6 +391,8 @@ class TritonPythonModel:
                 error = pb_utils.TritonError(f"inference failed: {err}")
                 for k in members:
                     responses[k] = pb_utils.InferenceResponse(output_tensors=[], error=error)
+                    if k in answered and self.canary is not None:
+                        self.canary.counters[answered[k]].increment(1)
                 continue
             bounds = np.cumsum([0, *sizes])
             for j, k in enumerate(members):
@@ -284,7 +403,12 @@ class TritonPythonModel:
                     for name in self.outputs
                     if name in wanted[k]
                 ]
+                if versions[k]:
+                    answered_by = np.full((sizes[j], 1), self.version, np.int32)
+                    tensors.append(pb_utils.Tensor(str(self.answered_by), answered_by))
                 responses[k] = pb_utils.InferenceResponse(output_tensors=tensors)
+                if k in answered and self.canary is not None:
+                    self.canary.counters[answered[k]].increment(1)
                 if self.shadow is not None:
                     self.shadow.offer(
                         feeds[self.inputs[0]][bounds[j] : bounds[j + 1]],
@@ -297,5 +421,6 @@ class TritonPythonModel:
         if self.shadow is not None:
             self.shadow.close()
             self.shadow = None
+        self.canary = None
         self.session = None
         self.sessions = []

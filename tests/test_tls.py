@@ -21,7 +21,7 @@ pytest.importorskip("tritonclient.grpc")
 
 from braintumor.classifier import TumorClassifier
 from braintumor.errors import ServerUnavailableError
-from braintumor_serving.triton import ServeError, ServerConfig, TritonServer
+from braintumor_serving.triton import ADMIN_KEY_HEADER, ServeError, ServerConfig, TritonServer
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,13 @@ def certificates(tmp_path_factory) -> Path:
     )
     (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
     (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name in ("server", "client"):
+    # one certificate that two servers (127.0.0.1 and 127.0.0.2) could share
+    (d / "shared.ext").write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2\nextendedKeyUsage=serverAuth\n"
+    )
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other-ca.key", "-out", "other-ca.pem",
+             "-days", "1", "-subj", "/CN=another CA", cwd=d)  # fmt: skip
+    for name in ("server", "client", "shared"):
         _openssl(
             "req",
             "-newkey",
@@ -88,18 +94,37 @@ def certificates(tmp_path_factory) -> Path:
     return d
 
 
-def _server(tmp_path: Path, pki: Path, mutual: bool) -> TritonServer:
-    http, grpc, metrics = free_ports(3)
+def _server(
+    tmp_path: Path,
+    pki: Path,
+    mutual: bool,
+    host: str = "127.0.0.1",
+    cert: str = "server",
+    keep: tuple[int, ...] | None = None,
+) -> TritonServer:
+    http, grpc, metrics = free_ports(3, host)
     config = ServerConfig(
-        repository=copy_repository(tmp_path / "model_repository"),
+        repository=copy_repository(tmp_path / "model_repository", keep=keep),
+        host=host,
         http_port=http,
         grpc_port=grpc,
         metrics_port=metrics,
-        tls_cert=pki / "server.pem",
-        tls_key=pki / "server.key",
+        tls_cert=pki / f"{cert}.pem",
+        tls_key=pki / f"{cert}.key",
         tls_client_ca=pki / "ca.pem" if mutual else None,
     )
     return TritonServer(config)
+
+
+def _inferences(server: TritonServer) -> int:
+    """Inferences the server answered (Triton's statistics, a restricted API: the admin key)."""
+    request = urllib.request.Request(
+        f"http://{server.local_http_url}/v2/models/braintumor/stats",
+        headers={ADMIN_KEY_HEADER: server.config.admin_key},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        stats = json.loads(response.read())
+    return sum(int(m["inference_stats"]["success"]["count"]) for m in stats["model_stats"])
 
 
 def _https_ready(server: TritonServer, pki: Path, client_cert: bool) -> int:
@@ -166,3 +191,36 @@ def test_incomplete_tls_options_are_refused(certificates, tmp_path):
         TritonServer(ServerConfig(tls_cert=certificates / "server.pem")).start()
     with pytest.raises(ServeError, match="not found"):
         TritonServer(ServerConfig(tls_cert=tmp_path / "x.pem", tls_key=tmp_path / "x.key")).start()
+
+
+def test_a_list_of_tls_servers_is_balanced_and_each_checked_on_connect(certificates, tmp_path, capsys):
+    """Two TLS servers, one client: gRPC checks one name for a whole channel (a list's own authority is the list),
+    so the SDK checks the first host of the list, or ``tls_server_name``, in every server's certificate, and
+    ``connect`` checks each server against it: a certificate without it is one clear error there."""
+    ca, rng = str(certificates / "ca.pem"), np.random.default_rng(2)
+    images = [random_slice(rng) for _ in range(4)]
+    first = _server(tmp_path / "a", certificates, mutual=False, keep=(-1,))  # its certificate: 127.0.0.1, localhost
+    second = _server(tmp_path / "b", certificates, mutual=False, host="127.0.0.2", cert="shared", keep=(-1,))
+    with first, second:
+        first.wait_until_ready(120)
+        second.wait_until_ready(120)
+        a, b = first.config.grpc_url, second.config.grpc_url
+        before = [_inferences(s) for s in (first, second)]
+        with TumorClassifier(f"{a},{b}", ssl=True, root_certificates=ca) as client:
+            assert client.tls_name == "127.0.0.1"  # in both certificates
+            labels = [client.predict(images[k % 4]).label for k in range(16)]
+        shares = [_inferences(s) - n for s, n in zip((first, second), before, strict=True)]
+        with TumorClassifier(f"{b},{a}", ssl=True, root_certificates=ca, tls_server_name="localhost") as client:
+            assert [client.predict(image).label for image in images] == labels[:4]
+        with pytest.raises(ServerUnavailableError) as wrong_name:  # 127.0.0.2 is not in the first's certificate
+            TumorClassifier(f"{b},{a}", ssl=True, root_certificates=ca, timeout=3, retries=0)
+        with pytest.raises(ServerUnavailableError) as wrong_ca:
+            TumorClassifier(f"{a},{b}", ssl=True, root_certificates=str(certificates / "other-ca.pem"), timeout=3)
+        with pytest.raises(ServerUnavailableError) as plaintext:
+            TumorClassifier(f"{a},{b}", timeout=3, retries=0)
+    with capsys.disabled():
+        print(f"\nTLS to a list of two servers: shares {shares}; a certificate without the name: {wrong_name.value}")
+    assert min(shares) > 0 and sum(shares) == 16, shares
+    for raised in (wrong_name, wrong_ca, plaintext):
+        assert "\n" not in str(raised.value) and "reading the metadata" in str(raised.value)
+    assert f"{a} (of " in str(wrong_name.value) and "does not carry the name" in str(wrong_name.value)

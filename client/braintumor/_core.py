@@ -41,6 +41,7 @@ from braintumor.errors import (
     ServerUnavailableError,
     from_triton,
     retry_delay,
+    server_stopping,
 )
 from braintumor.model_repository import PREPROCESSING_PARAMETER
 from braintumor.prediction import Prediction
@@ -56,6 +57,8 @@ STRATEGIES: tuple[str, ...] = ("packed", "concurrent")
 READY_POLL_INTERVAL = 0.2
 #: Deadline of one readiness check, in seconds (or the client's ``timeout`` when shorter).
 READY_POLL_TIMEOUT = 2.0
+#: Seconds before a request that a stopping server refused is sent again, to another server of a balanced target.
+STOPPING_RETRY_DELAY = 0.05
 
 
 #: The channel's service configuration when a target names several servers: round-robin over the servers whose
@@ -103,12 +106,16 @@ class Target:
         channel: the gRPC target of the client's channel.
         servers: each server's ``address:port`` (empty for ``dns:///``: see :meth:`addresses`).
         dns: ``(name, port)`` of a ``dns:///`` target.
+        tls_name: the name a server's TLS certificate must carry when the target names several servers: the
+            DNS name, or the first host of the list as written (gRPC checks one name for a whole channel; the
+            authority of a list is the list itself); ``None`` for one server (its own host, as always).
     """
 
     url: str
     channel: str
     servers: tuple[str, ...]
     dns: tuple[str, int] | None = None
+    tls_name: str | None = None
 
     @property
     def balanced(self) -> bool:
@@ -139,7 +146,7 @@ def parse_target(url: str) -> Target:
         if "/" in rest or "," in rest:
             raise InvalidTargetError(f"{url!r}: write a DNS target as dns:///name:port (one name, no authority)")
         host, port = _host_port(rest, url)
-        return Target(url, f"{DNS_PREFIX}{_address(host, port)}", (), (host, port))
+        return Target(url, f"{DNS_PREFIX}{_address(host, port)}", (), (host, port), host)
     if "," not in text:
         if not text:
             raise InvalidTargetError("the server address is empty: give host:port, or several separated by commas")
@@ -149,33 +156,48 @@ def parse_target(url: str) -> Target:
         raise InvalidTargetError(f"the server list {url!r} is empty")
     if not all(entries):
         raise InvalidTargetError(f"the server list {url!r} has an empty entry")
-    servers = []
+    servers, hosts = [], []
     for entry in entries:
         host, port = _host_port(entry, url)
+        hosts.append(host)
         servers.append(_resolve(host, port, url)[0])
     servers = list(dict.fromkeys(servers))
     families = {ipaddress.ip_address(s.rpartition(":")[0].strip("[]")).version for s in servers}
     if len(families) > 1:
         raise InvalidTargetError(f"the server list {url!r} mixes IPv4 and IPv6 addresses: use one family")
     scheme = "ipv6" if families == {6} else "ipv4"
-    return Target(url, f"{scheme}:{','.join(servers)}", tuple(servers))
+    return Target(url, f"{scheme}:{','.join(servers)}", tuple(servers), tls_name=hosts[0])
 
 
-def balanced_channel_args() -> list[tuple[str, Any]]:
-    """tritonclient's own channel arguments (message sizes, keepalive) plus round-robin balancing."""
+def channel_args(balanced: bool = True, tls_name: str | None = None) -> list[tuple[str, Any]]:
+    """tritonclient's own channel arguments (message sizes, keepalive), plus round-robin balancing and the name
+    that TLS checks in every server's certificate (and sends as SNI).
+
+    Args:
+        balanced: spread requests round-robin over the channel's servers.
+        tls_name: the name to check (``grpc.ssl_target_name_override``), or ``None`` for the target's own.
+    """
     from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 
     keepalive = KeepAliveOptions()
-    return [
+    args: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
         ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
         ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
         ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
-        ("grpc.service_config", BALANCED_SERVICE_CONFIG),
-        ("grpc.lb_policy_name", "round_robin"),
     ]
+    if balanced:
+        args += [("grpc.service_config", BALANCED_SERVICE_CONFIG), ("grpc.lb_policy_name", "round_robin")]
+    if tls_name:
+        args.append(("grpc.ssl_target_name_override", tls_name))
+    return args
+
+
+def balanced_channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's own channel arguments (message sizes, keepalive) plus round-robin balancing."""
+    return channel_args(balanced=True)
 
 
 @dataclass(frozen=True)
@@ -360,16 +382,26 @@ class Attempt:
     A context manager around the call: a tritonclient failure becomes :attr:`delay`, the wait before the next
     try, or raises the translated SDK error when it is not retryable or the retries are spent.
 
+    A request that a stopping server refused (:func:`braintumor.errors.server_stopping`) on a channel balanced
+    over several servers is sent again after :data:`STOPPING_RETRY_DELAY` (round-robin takes it to the next
+    server) without spending a retry, until ``moving_until``; such a try sets :attr:`moved`.
+
     Args:
         number: the try, from 0.
         during: what the SDK is doing, for error messages.
         retries: further tries after the first.
         backoff: the first wait, in seconds (doubles each time).
+        moving_until: :func:`time.monotonic` until which a stopping server's refusal is sent again; ``None``
+            when the call does not go through a balanced channel.
     """
 
-    def __init__(self, number: int, during: str, retries: int, backoff: float) -> None:
+    def __init__(
+        self, number: int, during: str, retries: int, backoff: float, moving_until: float | None = None
+    ) -> None:
         self.number, self.during, self.retries, self.backoff = number, during, retries, backoff
+        self.moving_until = moving_until
         self.delay = 0.0
+        self.moved = False
 
     def __enter__(self) -> Attempt:
         return self
@@ -377,6 +409,13 @@ class Attempt:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> bool:
         if not isinstance(error, InferenceServerException):
             return False
+        if (
+            self.moving_until is not None
+            and server_stopping(error)
+            and time.monotonic() + STOPPING_RETRY_DELAY < self.moving_until
+        ):
+            self.delay, self.moved = STOPPING_RETRY_DELAY, True
+            return True
         self.delay = retry_delay(
             error, during=self.during, attempt=self.number, retries=self.retries, backoff=self.backoff
         )
@@ -513,6 +552,11 @@ class ClientCore:
         backoff: first wait between attempts, in seconds (doubles each time).
         ssl: use TLS; ``root_certificates``, ``private_key`` and ``certificate_chain`` are PEM file paths
             (server CA, client key and certificate for mutual TLS).
+        tls_server_name: with TLS, the name every server's certificate must carry. gRPC checks one name for a
+            whole channel, so for several servers the default is the DNS name, or the first host of the list
+            (a certificate shared by the servers, or a wildcard one, carries it); ``connect`` checks each server
+            against it, so a server whose certificate lacks it fails there, not silently later. One server:
+            its own host, unless given.
         check: check the served model's metadata before the first request: the synchronous client does it in
             its constructor, the asynchronous one on entering ``async with`` (see ``connect``).
     """
@@ -538,6 +582,7 @@ class ClientCore:
         private_key: str | None = None,
         certificate_chain: str | None = None,
         check: bool = True,
+        tls_server_name: str | None = None,
     ) -> None:
         self.url, self.model_name, self.model_version = url, model_name, model_version
         self.timeout, self.retries, self.backoff, self.check = timeout, retries, backoff, check
@@ -548,8 +593,12 @@ class ClientCore:
             "private_key": private_key,
             "certificate_chain": certificate_chain,
         }
-        balanced = {"channel_args": balanced_channel_args()} if self.target.balanced else {}
-        self._client = self.transport.InferenceServerClient(self.target.channel, **self._tls, **balanced)
+        #: The name TLS checks in every certificate (``None``: each channel's own target), see ``tls_server_name``.
+        self.tls_name = (tls_server_name or self.target.tls_name) if ssl else None
+        options = {}
+        if self.target.balanced or self.tls_name:
+            options = {"channel_args": channel_args(self.target.balanced, self.tls_name)}
+        self._client = self.transport.InferenceServerClient(self.target.channel, **self._tls, **options)
         self.model: ServedModel | None = None
         if check and self.connects_on_init:
             self.connect()
@@ -559,10 +608,21 @@ class ClientCore:
         raise NotImplementedError
 
     # -- retry policy and readiness ---------------------------------------------------------------------
-    def _attempts(self, during: str) -> Iterator[Attempt]:
-        """The tries of one call; the last one raises instead of asking for another."""
-        for number in range(self.retries + 1):
-            yield Attempt(number, during, self.retries, self.backoff)
+    def _attempts(self, during: str, balanced: bool = False) -> Iterator[Attempt]:
+        """The tries of one call; the last one raises instead of asking for another.
+
+        Args:
+            during: what the call is for, for error messages.
+            balanced: the call goes through the client's own channel, which may spread requests over several
+                servers: a stopping server's refusal is then sent again (to the next server) until the call's
+                ``timeout`` has passed, without spending a retry (see :class:`Attempt`).
+        """
+        moving_until = time.monotonic() + self.timeout if balanced and self.target.balanced else None
+        number = 0
+        while number <= self.retries:
+            attempt = Attempt(number, during, self.retries, self.backoff, moving_until)
+            yield attempt
+            number += 0 if attempt.moved else 1
 
     def _polls(self, timeout: float) -> Iterator[Poll]:
         """Readiness checks until ``timeout`` seconds have passed; then raise :class:`ModelNotReadyError`."""
@@ -591,8 +651,10 @@ class ClientCore:
         return {**request, "client_timeout": self.timeout}, f"reading the metadata of {self.model_name} at {where}"
 
     def _server_client(self, server: str) -> Any:
-        """A client of one of the target's servers alone (its own channel), for the check on connect."""
-        return self.transport.InferenceServerClient(server, **self._tls)
+        """A client of one of the target's servers alone (its own channel, checking the same TLS name as the
+        balanced one), for the check on connect."""
+        options = {"channel_args": channel_args(False, self.tls_name)} if self.tls_name else {}
+        return self.transport.InferenceServerClient(server, **self._tls, **options)
 
     def _connected_servers(self, read: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> ServedModel:
         """Check what ``connect`` read from each of several servers: each matches this SDK, all serve the same

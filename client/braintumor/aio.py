@@ -16,7 +16,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 
 from braintumor._core import Batch, BatchOptions, ClientCore, Images, ServedModel, Strategy, to_predictions
-from braintumor.errors import BrainTumorError, ModelNotReadyError, ServerUnavailableError
+from braintumor.errors import BrainTumorError, ModelNotReadyError, ServerUnavailableError, server_stopping
 from braintumor.prediction import Prediction
 from braintumor.preprocessing import ImageSource
 
@@ -38,8 +38,8 @@ class AsyncTumorClassifier(ClientCore):
 
     transport = grpcaio
 
-    async def _call(self, fn: Callable[[], Awaitable[T]], during: str) -> T:
-        for attempt in self._attempts(during):
+    async def _call(self, fn: Callable[[], Awaitable[T]], during: str, balanced: bool = False) -> T:
+        for attempt in self._attempts(during, balanced):
             with attempt:
                 return await fn()
             await asyncio.sleep(attempt.delay)
@@ -59,8 +59,9 @@ class AsyncTumorClassifier(ClientCore):
             client = self._server_client(server)
             try:
                 read[server] = await self._read(client, server)
-            except ServerUnavailableError:
-                if self.model is None:  # the first check wants every server; a later one, those still up
+            except (ServerUnavailableError, ModelNotReadyError) as err:
+                gone = isinstance(err, ServerUnavailableError) or server_stopping(err.__cause__)
+                if self.model is None or not gone:  # the first check wants every server; later, those still up
                     raise
             finally:
                 await client.close()
@@ -138,7 +139,7 @@ class AsyncTumorClassifier(ClientCore):
     ) -> list[Prediction]:
         request, during = self._infer_request(served, pixels, explain, explain_label)
         start = time.perf_counter()
-        result = await self._call(lambda: self._client.infer(**request), during)
+        result = await self._call(lambda: self._client.infer(**request), during, balanced=True)
         return to_predictions(result, (time.perf_counter() - start) * 1000.0, explain, explain_label)
 
     async def predict(

@@ -19,7 +19,13 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from braintumor._core import Batch, BatchOptions, ClientCore, Images, ServedModel, Strategy, to_predictions
-from braintumor.errors import BrainTumorError, DeadlineExceededError, ModelNotReadyError, ServerUnavailableError
+from braintumor.errors import (
+    BrainTumorError,
+    DeadlineExceededError,
+    ModelNotReadyError,
+    ServerUnavailableError,
+    server_stopping,
+)
 from braintumor.prediction import Prediction
 from braintumor.preprocessing import ImageSource
 
@@ -46,8 +52,8 @@ class TumorClassifier(ClientCore, AbstractContextManager):
     connects_on_init = True
     # ``with TumorClassifier(...) as classifier``: AbstractContextManager's __enter__ returns the client.
 
-    def _call(self, fn: Callable[[], T], during: str) -> T:
-        for attempt in self._attempts(during):
+    def _call(self, fn: Callable[[], T], during: str, balanced: bool = False) -> T:
+        for attempt in self._attempts(during, balanced):
             with attempt:
                 return fn()
             time.sleep(attempt.delay)
@@ -72,8 +78,9 @@ class TumorClassifier(ClientCore, AbstractContextManager):
             client = self._server_client(server)
             try:
                 read[server] = self._read(client, server)
-            except ServerUnavailableError:
-                if self.model is None:  # the first check wants every server; a later one, those still up
+            except (ServerUnavailableError, ModelNotReadyError) as err:
+                gone = isinstance(err, ServerUnavailableError) or server_stopping(err.__cause__)
+                if self.model is None or not gone:  # the first check wants every server; later, those still up
                     raise
             finally:
                 client.close()
@@ -156,7 +163,7 @@ class TumorClassifier(ClientCore, AbstractContextManager):
     ) -> list[Prediction]:
         request, during = self._infer_request(served, pixels, explain, explain_label)
         start = time.perf_counter()
-        result = self._call(lambda: self._client.infer(**request), during)
+        result = self._call(lambda: self._client.infer(**request), during, balanced=True)
         return to_predictions(result, (time.perf_counter() - start) * 1000.0, explain, explain_label)
 
     def predict(

@@ -108,8 +108,34 @@ def from_triton(error: Exception, *, during: str) -> BrainTumorError:
     if status == "NOT_FOUND" or any(s in lowered for s in ("is not ready", "not at ready state", "unknown model")):
         return ModelNotReadyError(message, status=status)
     if status == "UNAVAILABLE":
+        if "hostname verification" in lowered:
+            message += (
+                " (the server's TLS certificate does not carry the name the client checks: its host, the first "
+                "host of a list, or tls_server_name / --tls-server-name)"
+            )
         return ServerUnavailableError(message)
     return InferenceError(message, status=status)
+
+
+def server_stopping(error: BaseException | None) -> bool:
+    """Whether a tritonclient error is Triton's answer while it stops (after SIGTERM): ``UNAVAILABLE ... Server
+    is stopping`` while the requests in flight finish, then, while it unloads the models until its endpoints
+    close, ``NOT_FOUND ... has no available versions`` (a request that names no version) or ``UNAVAILABLE ...
+    version N is not at ready state`` (the SDK's, which name theirs; also a version loading or failed). Another
+    server of a balanced target can answer instead.
+
+    Args:
+        error: what tritonclient raised (``None``: no).
+    """
+    if error is None:
+        return False
+    raw = str(error.status() if hasattr(error, "status") and callable(error.status) else "") or ""
+    status = raw.removeprefix("StatusCode.")
+    text = (error.message() if hasattr(error, "message") and callable(error.message) else str(error)) or ""
+    lowered = text.lower()
+    if status == "UNAVAILABLE":
+        return "server is stopping" in lowered or "is not at ready state" in lowered
+    return status == "NOT_FOUND" and "has no available versions" in lowered
 
 
 def retry_delay(error: Exception, *, during: str, attempt: int, retries: int, backoff: float) -> float:

@@ -66,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root-certificates", default=None, help="PEM file of the server's CA")
     parser.add_argument("--client-key", default=None, help="PEM client key (mutual TLS)")
     parser.add_argument("--client-cert", default=None, help="PEM client certificate (mutual TLS)")
+    parser.add_argument(
+        "--tls-server-name",
+        default=None,
+        metavar="NAME",
+        help="the name every server's certificate must carry (default: the host of --url; for a list, its first)",
+    )
 
 
 def define(name: str, parser: argparse.ArgumentParser) -> None:
@@ -142,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
             root_certificates=args.root_certificates,
             private_key=args.client_key,
             certificate_chain=args.client_cert,
+            tls_server_name=args.tls_server_name,
         )
     except BrainTumorError as err:
         print(f"braintumor predict: {err}", file=sys.stderr)

@@ -42,6 +42,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
+        drain_timeout=args.drain_timeout,
     )
     if args.admin_key_env:
         key = os.environ.get(args.admin_key_env, "")
@@ -190,6 +191,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """A duration in seconds, 0 or more (an ``argparse`` type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds, 0 or more (got {text!r})")
+    return value
+
+
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
@@ -210,6 +222,14 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="environment variable holding the admin key for the restricted APIs (default: a random key)",
     )
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    parser.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM or Ctrl+C: readiness answers 503 and serve waits at most this long for the requests in "
+        "flight to finish before it stops Triton (default 5; 0: stop at once)",
+    )
     parser.add_argument(
         "--shadow",
         type=int,

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 FRONT_KEY_HEADER = "braintumor-front-key"
 #: Triton's inference routes (its ``generate`` extensions are not offered: they bypass the checks below).
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/(infer|generate|generate_stream)")
+#: The readiness paths (the server's and a model's), which a draining front answers 503 itself.
+READY_PATH = re.compile(r"/v2/health/ready|/v2/models/[^/]+(?:/versions/[^/]+)?/ready")
 #: Bytes per element of each fixed-size datatype (``BYTES`` elements are length-prefixed strings).
 DATATYPE_SIZES = {
     "BOOL": 1,
@@ -502,6 +504,9 @@ class HttpFront:
         self._specs: dict[tuple[str, str | None], ModelSpec] = {}
         self._buffered = 0
         self._connections = 0
+        #: Set when the server is about to stop (``braintumor serve`` on SIGTERM): readiness requests are
+        #: answered 503 here, so that balancers and Kubernetes take the server out while it still serves.
+        self.draining = False
 
     # -- connections -------------------------------------------------------------------------------------
 
@@ -547,13 +552,16 @@ class HttpFront:
             return False
         try:
             keep = request.keep_alive
-            match = INFER_PATH.fullmatch(request.target.partition("?")[0])
+            path = request.target.partition("?")[0]
+            match = INFER_PATH.fullmatch(path)
             if match:
                 await self._check_inference(request, match, reader, writer)
             else:
                 if (request.get("content-encoding") or "identity").lower() != "identity":
                     raise RequestError(415, "only inference requests may be compressed")
                 await self._read_body(request, reader, writer, self.limits.other_body_bytes)
+                if self.draining and READY_PATH.fullmatch(path):
+                    raise RequestError(503, "the server is stopping")
             return await self._forward(request, writer, with_key=match is not None, keep=keep)
         except RequestError as err:
             if request.body_read and request.keep_alive:

@@ -56,6 +56,17 @@ RESTRICTED_APIS = "model-repository,shared-memory,statistics,trace,logging"
 #: The header (HTTP) or metadata key (gRPC) carrying the admin key.
 ADMIN_KEY_HEADER = "admin-key"
 BACKEND_SOURCE = Path(__file__).parent / "backends" / BACKEND_NAME / "model.py"
+#: Seconds ``braintumor serve`` waits at most, on SIGTERM or SIGINT, for the requests in flight to finish before
+#: it stops Triton (``--drain-timeout``).
+DRAIN_TIMEOUT = 5.0
+#: Seconds without a request pending or completing that count as idle while draining.
+DRAIN_QUIET = 1.0
+#: What Triton 2.51 logs on SIGTERM once the inference requests in flight have finished and it has stopped every
+#: model's scheduler: it then unloads the models (about 4 s for the python backend's stubs) and answers
+#: ``NOT_FOUND ... has no available versions`` to every request until its endpoints close.
+MODELS_STOPPED = "All models are stopped, unloading models"
+#: Seconds between :data:`MODELS_STOPPED` and the SIGKILL: the gRPC endpoint sends the last answers it holds.
+FLUSH_GRACE = 0.2
 
 
 class ServeError(RuntimeError):
@@ -285,6 +296,8 @@ class ServerConfig:
     administrative APIs and Triton's unchecked HTTP inference port on loopback. Local users of the host are
     trusted; in Kubernetes the container isolates the process from other users.
         extra_args: further ``tritonserver`` arguments.
+        drain_timeout: seconds ``serve`` waits at most, on SIGTERM or SIGINT, for the requests in flight to
+            finish (readiness answering 503 meanwhile) before it stops Triton; 0 stops it at once.
     """
 
     repository: Path = DEFAULT_MODEL_REPOSITORY
@@ -301,6 +314,7 @@ class ServerConfig:
     admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
     inference_key: str = field(default_factory=new_key, repr=False)
     extra_args: list[str] = field(default_factory=list)
+    drain_timeout: float = DRAIN_TIMEOUT
 
     @property
     def grpc_url(self) -> str:
@@ -342,11 +356,21 @@ class TritonServer:
         self.stale = Cleanup()
         #: What :meth:`stop` had to kill or remove after ``tritonserver`` ended (stubs, regions).
         self.leftovers = Cleanup()
+        #: Whether the last :meth:`stop` ended ``tritonserver`` once its in-flight requests had finished, without
+        #: waiting for it to unload the models.
+        self.unload_skipped = False
 
     @property
     def local_http_url(self) -> str:
         """``host:port`` of Triton's own, plain HTTP endpoint, on loopback behind the front."""
         return f"127.0.0.1:{self.internal_http_port}"
+
+    @property
+    def local_metrics_url(self) -> str:
+        """Triton's metrics as this host reaches them (loopback when the server binds every address)."""
+        c = self.config
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(c.host, c.host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{c.metrics_port}/metrics"
 
     def command(self, backend_directory: Path) -> list[str]:
         """The ``tritonserver`` command line."""
@@ -482,20 +506,74 @@ class TritonServer:
         errors = [line for line in lines if ("UNAVAILABLE" in line or "rror" in line) and "NVML" not in line]
         return errors[-1].strip() if errors else ""
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """Stop the server with SIGTERM (graceful: in-flight requests finish), then SIGKILL after ``timeout``;
-        then kill what is left of it (stubs ignore SIGTERM and may outlive a killed server) and remove its
-        shared-memory regions (recorded in :attr:`leftovers`). Safe to call more than once.
+    def drain(self, timeout: float, quiet: float = DRAIN_QUIET) -> bool:
+        """Prepare a graceful stop: readiness (``/v2/health/ready`` and each model's) answers 503 from now on, so
+        that balancers and Kubernetes take the server out, while every request is still served; then wait until
+        none is in flight (Triton's metrics: nothing pending, nothing completing for ``quiet`` seconds).
+
+        Triton's own gRPC readiness cannot be changed: gRPC clients keep sending until :meth:`stop`.
 
         Args:
-            timeout: seconds to wait for a graceful exit.
+            timeout: seconds to wait at most.
+            quiet: seconds without activity that count as idle.
 
         Returns:
-            The server's exit status.
+            Whether the server was idle within ``timeout``.
+        """
+        from braintumor_serving.drain import wait_idle
+
+        if self._front is not None:
+            self._front.draining = True
+        if self.process is None or self.process.poll() is not None:
+            return True
+        return wait_idle(self.local_metrics_url, quiet=quiet, timeout=timeout)
+
+    def _terminate(self, timeout: float) -> int | None:
+        """SIGTERM ``tritonserver``; once it logs :data:`MODELS_STOPPED` (every request in flight has finished),
+        SIGKILL it rather than let it unload the models for seconds while answering ``NOT_FOUND``; SIGKILL it
+        after ``timeout`` in any case."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return None if process is None else process.returncode
+        log = self.log_file if self.log_file and self.log_file.exists() else None
+        offset = log.stat().st_size if log else 0
+        tail = ""
+        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            if log is not None:
+                with open(log, "rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+                offset += len(data)
+                text = tail + data.decode(errors="replace")
+                if MODELS_STOPPED in text:
+                    self.unload_skipped = True
+                    time.sleep(FLUSH_GRACE)
+                    break
+                tail = text[-len(MODELS_STOPPED) :]  # a line written in two pieces is still found
+            time.sleep(0.02)
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        return process.returncode
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Stop the server with SIGTERM (graceful: in-flight requests finish), then, once they have, SIGKILL
+        (Triton would spend seconds unloading the models, answering ``NOT_FOUND`` to every request meanwhile:
+        see :attr:`unload_skipped`), or after ``timeout`` in any case; then kill what is left of it (stubs
+        ignore SIGTERM and may outlive a killed server) and remove its shared-memory regions (recorded in
+        :attr:`leftovers`). Safe to call more than once.
+
+        Args:
+            timeout: seconds to wait for the requests in flight to finish.
+
+        Returns:
+            The server's exit status (``-9`` when the unload was skipped).
         """
         code = None
         if self.process is not None:
-            code = terminate(self.process, timeout)
+            code = self._terminate(timeout)
         if self.shm_prefix:
             left = cleanup(self.shm_prefix)
             self.leftovers = Cleanup(self.leftovers.killed + left.killed, self.leftovers.regions + left.regions)
@@ -627,9 +705,20 @@ def serve(config: ServerConfig, ready_timeout: float = 180.0, restart: RestartPo
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _stop(server: TritonServer) -> int:
+        if config.drain_timeout > 0:
+            print(
+                f"Draining: readiness answers 503; waiting at most {config.drain_timeout:g} s for the requests in "
+                "flight ...",
+                flush=True,
+            )
+            if not server.drain(config.drain_timeout):
+                print(f"Still busy after {config.drain_timeout:g} s (--drain-timeout).", flush=True)
         print("Stopping Triton (waiting for in-flight requests) ...", flush=True)
         code = server.stop()
-        print(f"Stopped (tritonserver exit status {code}).", flush=True)
+        if server.unload_skipped:
+            print("Stopped (in-flight requests finished; Triton ended before unloading the models).", flush=True)
+        else:
+            print(f"Stopped (tritonserver exit status {code}).", flush=True)
         return 0
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -26,11 +26,12 @@ from helpers import copy_repository, free_ports
 
 from braintumor import cli
 from braintumor.config import ANSWERED_BY_OUTPUT, DEFAULT_MODEL_REPOSITORY, LABELS
-from braintumor.model_repository import PREPROCESSING_PARAMETER
+from braintumor.model_repository import PREPROCESSING_PARAMETER, ROUTING_VERSION_BASE, next_version
 from braintumor_serving import shadow
 from braintumor_serving.triton import ServerConfig, TritonServer
 
-PRIMARY, CANDIDATE, ROUTER = 3, 4, 5
+PRIMARY, CANDIDATE = 3, 4
+ROUTER = ROUTING_VERSION_BASE + PRIMARY  # never a number export publishes
 SHARE, REQUESTS = 0.3, 400
 FALLBACK = ("--max-fallback", "0.05")
 
@@ -164,7 +165,10 @@ def test_an_absent_candidate_makes_fallbacks_and_fails_no_request(source, images
 
 
 @pytest.mark.slow  # starts a real Triton
-def test_serve_canary_command(source, images, tmp_path):
+def test_serve_canary_command(images, tmp_path):
+    # the committed layout (versions 1–4, latest 2 served: 3 and 4): the canary of 4 serves 3 and the router, not 2
+    source = copy_repository(tmp_path / "published")
+    assert [p.name for p in sorted((source / "braintumor").iterdir()) if p.name.isdigit()] == ["1", "2", "3", "4"]
     http, grpc, metrics = free_ports(3)
     command = [sys.executable, "-m", "braintumor.cli", "serve", "--repository", str(source)]
     ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
@@ -223,10 +227,11 @@ def test_canary_repository_adds_a_routing_version_and_keeps_the_source(source, t
     spec = shadow.canary_repository(source, CANDIDATE, tmp_path / "repo", 0.25, seed=3)
     assert spec == shadow.CanarySpec(PRIMARY, ROUTER, "braintumor_candidate", CANDIDATE, 0.25, 3)
     ours = tmp_path / "repo" / "braintumor"
-    assert sorted(p.name for p in ours.iterdir() if p.name.isdigit()) == [str(PRIMARY), str(ROUTER)]
+    assert sorted(int(p.name) for p in ours.iterdir() if p.name.isdigit()) == [PRIMARY, ROUTER]
     assert (ours / str(ROUTER) / "model.onnx").read_bytes() == (ours / str(PRIMARY) / "model.onnx").read_bytes()
     config = (ours / "configs" / "cpu.pbtxt").read_text()
-    assert "version_policy: { latest: { num_versions: 3 } }" in config  # the published ones stay served
+    assert f"version_policy: {{ specific: {{ versions: [ {PRIMARY}, {ROUTER} ] }} }}" in config
+    assert "num_versions" not in config
     line = next(x for x in config.splitlines() if f'"{PREPROCESSING_PARAMETER}{PRIMARY}"' in x)
     assert line.replace(f"/{PRIMARY}", f"/{ROUTER}") in config  # the routing version's preprocessing
     assert (source / "braintumor" / "configs" / "cpu.pbtxt").read_text() == before
@@ -242,9 +247,35 @@ def test_canary_spec_json_and_version_policies():
     for text in ("[]", "{}", '{"primary": 3}', spec.to_json().replace("0.1", "2"), "not json"):
         with pytest.raises(shadow.CanaryError, match="invalid canary parameter"):
             shadow.CanarySpec.from_json(text)
-    assert "num_versions: 2" in shadow._serve_router_too('name: "m"\n', 5)
-    assert "versions: [1, 3, 5]" in shadow._serve_router_too("version_policy: { specific: { versions: [1, 3] } }", 5)
-    assert shadow._serve_router_too("version_policy: { all: {} }", 5) == "version_policy: { all: {} }"
+    published = [1, 2, 3, 4]
+    assert shadow.served_versions('name: "m"\n', published) == [4]  # Triton's default: the latest
+    assert shadow.served_versions("version_policy: { latest: { num_versions: 2 } }\n", published) == [3, 4]
+    assert shadow.served_versions("version_policy: { specific: { versions: [1, 3, 7] } }", published) == [1, 3]
+    assert shadow.served_versions("version_policy: { all: {} }", published) == published
+    written = shadow._serve_exactly('name: "m"\nversion_policy: { latest: { num_versions: 2 } }\nx: 1\n', [3, 9])
+    assert written == 'name: "m"\nversion_policy: { specific: { versions: [ 3, 9 ] } }\nx: 1\n'
+
+
+def test_shadow_and_canary_serve_what_was_served_but_the_candidate(tmp_path):
+    source = copy_repository(tmp_path / "published")  # versions 1–4, latest 2: 3 and 4 served
+    shadow.shadow_repository(source, 4, tmp_path / "shadow")
+    shadow.canary_repository(source, 4, tmp_path / "canary", 0.1)
+    shadow.shadow_repository(source, 2, tmp_path / "old")  # an unserved candidate: nothing changes
+    for folder, served in (("shadow", [3]), ("canary", [3, ROUTER]), ("old", [3, 4])):
+        config = (tmp_path / folder / "braintumor" / "configs" / "cpu.pbtxt").read_text()
+        listed = [int(p.name) for p in (tmp_path / folder / "braintumor").iterdir() if p.name.isdigit()]
+        assert shadow.served_versions(config, listed) == served, folder
+
+
+def test_export_never_publishes_a_routing_version(tmp_path):
+    model_dir = tmp_path / "braintumor"
+    (model_dir / "4").mkdir(parents=True)
+    assert next_version(model_dir) == 5
+    (model_dir / str(ROUTER)).mkdir()  # a routing version left in a repository: still not a published number
+    assert next_version(model_dir) == 5
+    (model_dir / str(ROUTING_VERSION_BASE - 1)).mkdir()
+    with pytest.raises(ValueError, match="reserved"):
+        next_version(model_dir)
 
 
 def test_canary_report_verdict():

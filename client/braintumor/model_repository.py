@@ -34,6 +34,10 @@ PREPROCESSING_FILE = "preprocessing.json"
 PREPROCESSING_PARAMETER = "preprocessing/"
 #: Versions served side by side by default (Triton version policy ``latest``).
 SERVED_VERSIONS = 2
+#: Version numbers from here on are reserved for the canary's routing version (``ROUTING_VERSION_BASE +
+#: primary``, see ``braintumor serve --canary``): :func:`next_version` never publishes one, so a client that
+#: cached a routing version never meets a published version of the same number.
+ROUTING_VERSION_BASE = 1_000_000
 
 
 def versions(model_dir: Path) -> list[int]:
@@ -44,9 +48,20 @@ def versions(model_dir: Path) -> list[int]:
 
 
 def next_version(model_dir: Path) -> int:
-    """The version number the next export will publish."""
-    published = versions(model_dir)
-    return published[-1] + 1 if published else 1
+    """The version number the next export will publish (one above the published versions, ignoring any folder at
+    or above :data:`ROUTING_VERSION_BASE`, a number reserved for the canary's routing version).
+
+    Args:
+        model_dir: the model's folder in the repository.
+
+    Raises:
+        ValueError: when the next number would reach :data:`ROUTING_VERSION_BASE`.
+    """
+    published = [v for v in versions(model_dir) if v < ROUTING_VERSION_BASE]
+    version = published[-1] + 1 if published else 1
+    if version >= ROUTING_VERSION_BASE:
+        raise ValueError(f"version {version} is reserved for the canary's routing versions (≥ {ROUTING_VERSION_BASE})")
+    return version
 
 
 def read_preprocessing(model_dir: Path, image_size: int) -> dict[int, Preprocessing]:

@@ -3,7 +3,9 @@
 ``braintumor serve --shadow N`` serves a runtime copy of the repository (:func:`shadow_repository`): the
 model keeps every version but N, so callers that name no version still get the current one (the
 *primary*, the latest of the others), and version N is served alone as a second model, ``<model>_candidate``,
-with one instance. The primary's configuration gets the parameter ``shadow`` (JSON, :class:`ShadowSpec`):
+with one instance. The model serves exactly the versions it served before, but the candidate (and the primary in
+any case): its version policy becomes ``specific`` (:func:`served_versions`), so removing the candidate never brings
+an older version into service. The primary's configuration gets the parameter ``shadow`` (JSON, :class:`ShadowSpec`):
 the ``onnxruntime_python`` backend of the primary version then puts a copy of each request's images and
 of its answer on a bounded queue *after* computing the answer, and a background thread sends them to the
 candidate (a BLS request) and counts, per image, in Triton's metrics (port 8002):
@@ -22,8 +24,10 @@ report (``python -m braintumor_serving.shadow report --metrics URL``) summarises
 The canary, the step after a passing shadow (``braintumor serve --canary N --canary-share F``,
 :func:`canary_repository`), serves the same candidate model, but the candidate's answers reach a share of the
 callers. Triton does not tell a backend whether a request named a version, so the runtime repository gets a
-*routing version* ``R`` (one above every published version, a hard link of the primary's files): the requests
-that name no version reach it as the latest, and its backend (configuration parameter ``canary``, JSON of
+*routing version* ``R = 1_000_000 + primary`` (:data:`braintumor.model_repository.ROUTING_VERSION_BASE` plus the
+primary; a hard link of the primary's files), a number ``export`` never publishes, so a client that cached it never
+meets a real version of that number later: the requests that name no version reach it as the latest, and its
+backend (configuration parameter ``canary``, JSON of
 :class:`CanarySpec`) sends a seeded-random share ``F`` of them to the candidate (a synchronous BLS request)
 and answers the rest with the primary's graph. Requests that pin a published version reach that version's
 own instances and are never diverted. The configuration gets one more output, ``answered_by``
@@ -59,6 +63,7 @@ from braintumor.model_repository import (
     LABELS_FILE,
     PREPROCESSING_FILE,
     PREPROCESSING_PARAMETER,
+    ROUTING_VERSION_BASE,
     versions,
 )
 
@@ -75,6 +80,7 @@ KINDS = ("class", "tumour", "probability")
 DEFAULT_MAX_DISAGREEMENT = 0.02
 #: The model configuration parameter that turns the canary on (JSON of :class:`CanarySpec`).
 CANARY_PARAMETER = "canary"
+#: The canary's counter of the routing version's requests, by who answered them (label ``answered_by``).
 CANARY_REQUESTS = "braintumor_canary_requests_total"
 #: Who answered a request of the canary's routing version (the label ``answered_by``).
 ANSWERED_BY = ("primary", "candidate", "fallback")
@@ -287,6 +293,7 @@ def _check(source: Path, candidate: int, model: str, config_name: str, error: ty
 
 
 def _parameter(key: str, value: str) -> str:
+    """A string parameter of a model configuration, its value escaped for the text format."""
     text = value.replace("\\", "\\\\").replace('"', '\\"')
     return f'parameters {{ key: "{key}" value: {{ string_value: "{text}" }} }}\n'
 
@@ -333,7 +340,8 @@ def shadow_repository(
     """Write the repository that shadows ``candidate`` behind the current version.
 
     ``destination/<model>`` holds every version of ``source/<model>`` but the candidate, its ``configs/<name>``
-    carrying the ``shadow`` parameter; ``destination/<model>_candidate`` holds the candidate alone, with one
+    carrying the ``shadow`` parameter and a ``specific`` version policy (the versions served before but the
+    candidate, and the primary); ``destination/<model>_candidate`` holds the candidate alone, with one
     instance. Other models are copied as they are. Version folders are hard links where the filesystem allows.
 
     Args:
@@ -353,28 +361,54 @@ def shadow_repository(
     primary, _ = _check(source, candidate, model, config_name, ShadowError)
     spec = ShadowSpec(primary, model + CANDIDATE_SUFFIX, candidate, queue, probability_tolerance)
     ours, config = _write(source, candidate, destination, model, config_name, spec.candidate_model)
+    served = _still_served(config, versions(source / model), candidate, primary)
     (ours / "configs" / f"{config_name}.pbtxt").write_text(
-        config
+        _serve_exactly(config, served)
         + "# Shadow rollout (braintumor serve --shadow): the primary copies its requests to the candidate.\n"
         + _parameter(PARAMETER, spec.to_json())
     )
     return spec
 
 
-def _serve_router_too(config: str, router: int) -> str:
-    """The configuration with its version policy widened by the routing version, so that the published versions
-    it served beside the primary stay served."""
-    latest = re.search(r"version_policy:\s*\{\s*latest:\s*\{\s*num_versions:\s*(\d+)\s*\}\s*\}", config)
+_POLICY = re.compile(r"version_policy:\s*\{\s*(?:[^{}]|\{[^{}]*\})*\}\s*\n?")
+
+
+def served_versions(config: str, published: list[int]) -> list[int]:
+    """The versions a configuration's version policy serves out of ``published``, ascending (Triton's rules:
+    ``latest: k`` the highest ``k``, ``specific`` those listed, ``all`` every one, no policy the latest one).
+
+    Args:
+        config: the model configuration's text.
+        published: the published version numbers.
+    """
+    ordered = sorted(published)
+    policy = _POLICY.search(config)
+    if policy is None:
+        return ordered[-1:]
+    text = policy.group(0)
+    latest = re.search(r"latest:\s*\{\s*num_versions:\s*(\d+)", text)
     if latest:
-        wider = f"version_policy: {{ latest: {{ num_versions: {int(latest.group(1)) + 1} }} }}"
-        return config[: latest.start()] + wider + config[latest.end() :]
-    specific = re.search(r"(version_policy:\s*\{\s*specific:\s*\{\s*versions:\s*\[)([^\]]*)\]", config)
+        return ordered[-int(latest.group(1)) :] if int(latest.group(1)) else []
+    specific = re.search(r"specific:\s*\{\s*versions:\s*\[([^\]]*)\]", text)
     if specific:
-        listed = f"{specific.group(2).strip()}, {router}" if specific.group(2).strip() else str(router)
-        return config[: specific.start()] + f"{specific.group(1)}{listed}]" + config[specific.end() :]
-    if "version_policy" not in config:  # Triton's default, latest 1, plus the routing version
-        return config + "version_policy: { latest: { num_versions: 2 } }\n"
-    return config  # all
+        listed = {int(v) for v in re.findall(r"\d+", specific.group(1))}
+        return [v for v in ordered if v in listed]
+    return ordered  # all
+
+
+def _serve_exactly(config: str, served: list[int]) -> str:
+    """The configuration with its version policy replaced by ``specific { versions: served }``."""
+    policy = f"version_policy: {{ specific: {{ versions: [ {', '.join(str(v) for v in served)} ] }} }}\n"
+    found = _POLICY.search(config)
+    if found is None:
+        return config.rstrip("\n") + "\n" + policy
+    return config[: found.start()] + policy + config[found.end() :]
+
+
+def _still_served(config: str, published: list[int], candidate: int, primary: int) -> list[int]:
+    """What the runtime repository serves of the published versions: the ones served before but the candidate,
+    and the primary (which answers the requests naming no version) in any case."""
+    return sorted({v for v in served_versions(config, published) if v != candidate} | {primary})
 
 
 def canary_repository(
@@ -392,11 +426,13 @@ def canary_repository(
     As :func:`shadow_repository`, ``destination/<model>_candidate`` holds the candidate alone (one instance) and
     ``destination/<model>`` every other version. Beside them, ``<model>`` gets the routing version ``R`` (one
     above every published version; the primary's files, hard-linked): the latest, so requests that name no
-    version (and SDK clients that do not pin one, which resolve the latest) reach it. Its configuration gets the
-    ``canary`` parameter (:class:`CanarySpec`), a ``preprocessing/R`` parameter equal to the primary's, the output
-    ``answered_by`` (int32 ``[batch, 1]``: which version's graph answered each image; every version of the model
-    answers it), and a version policy that serves one version more (``latest: k`` becomes ``k + 1``), so every
-    published version that was served stays served, answering only for itself.
+    version (and SDK clients that do not pin one, which resolve the latest) reach it. ``R`` is
+    :data:`~braintumor.model_repository.ROUTING_VERSION_BASE` plus the primary, a number ``export`` never publishes.
+    Its configuration gets the ``canary`` parameter (:class:`CanarySpec`), a ``preprocessing/R`` parameter equal to
+    the primary's, the output ``answered_by`` (int32 ``[batch, 1]``: which version's graph answered each image;
+    every version of the model answers it), and the version policy ``specific``: the versions served before but the
+    candidate, the primary, and ``R`` (each published one answering only for itself; none that was not served
+    before, as widening ``latest: k`` would bring in).
 
     Args:
         source: the model repository.
@@ -412,7 +448,7 @@ def canary_repository(
         CanaryError: a bad share, or any reason :func:`shadow_repository` refuses for.
     """
     primary, _ = _check(source, candidate, model, config_name, CanaryError)
-    router = max(versions(source / model)) + 1
+    router = ROUTING_VERSION_BASE + primary
     spec = CanarySpec(primary, router, model + CANDIDATE_SUFFIX, candidate, share, seed, timeout_s)
     ours, config = _write(source, candidate, destination, model, config_name, spec.candidate_model)
     shutil.copytree(source / model / str(primary), ours / str(router), copy_function=_link_or_copy)
@@ -424,8 +460,9 @@ def canary_repository(
     if preprocessing:
         escaped = preprocessing.group(1)  # already escaped for the text format
         extra = f'parameters {{ key: "{PREPROCESSING_PARAMETER}{router}" value: {{ string_value: "{escaped}" }} }}\n'
+    served = [*_still_served(config, versions(source / model), candidate, primary), router]
     (ours / "configs" / f"{config_name}.pbtxt").write_text(
-        _serve_router_too(config, router)
+        _serve_exactly(config, served)
         + f"# Canary (braintumor serve --canary): version {router} routes; a share of its requests go to the "
         "candidate.\n"
         + f'output [ {{ name: "{ANSWERED_BY_OUTPUT}" data_type: TYPE_INT32 dims: [ 1 ] }} ]\n'

@@ -15,7 +15,10 @@ answered.
 
 from __future__ import annotations
 
+import http.server
 import itertools
+import os
+import re
 import signal
 import threading
 import time
@@ -73,10 +76,15 @@ def _call(client: TumorClassifier, fn: Flaky) -> str:
 def test_a_balanced_client_sends_a_stopping_servers_refusal_again_without_spending_retries():
     client = TumorClassifier("127.0.0.1:1,127.0.0.2:1", retries=0, timeout=5, check=False)
     try:
-        fn = Flaky(*[STOPPING, UNLOADING, UNLOADING_VERSION] * 4)
+        # two resends per server at most, waiting 50 ms, then 100, 200, 400 ms
+        fn = Flaky(STOPPING, UNLOADING, UNLOADING_VERSION, STOPPING)
         started = time.monotonic()
-        assert _call(client, fn) == "answer" and fn.calls == 13
-        assert time.monotonic() - started >= 12 * STOPPING_RETRY_DELAY
+        assert _call(client, fn) == "answer" and fn.calls == 5
+        assert time.monotonic() - started >= 15 * STOPPING_RETRY_DELAY
+        fn = Flaky(*[STOPPING] * 5)
+        with pytest.raises(ServerUnavailableError, match="Server is stopping"):  # the fifth: no more resends
+            _call(client, fn)
+        assert fn.calls == 5
         with pytest.raises(ModelNotReadyError, match="is not found"):  # other NOT_FOUNDs: as before
             _call(client, Flaky(UNKNOWN))
         # metadata reads go to one server alone: not moved
@@ -90,9 +98,40 @@ def test_a_balanced_client_sends_a_stopping_servers_refusal_again_without_spendi
         fn = Flaky(*[UNLOADING] * 100)
         with pytest.raises(ModelNotReadyError, match="no available versions"):
             _call(client, fn)
-        assert 3 <= fn.calls <= 7
+        assert fn.calls == 3  # resent after 50 and 100 ms; the next wait (200 ms) would pass the timeout
     finally:
         client.close()
+
+
+class Refusing:
+    """Every server refuses (a stopping server's answer) after ``seconds``; records each try's deadline."""
+
+    def __init__(self, request: dict, seconds: float, error: Exception = STOPPING) -> None:
+        self.request, self.seconds, self.error = request, seconds, error
+        self.deadlines: list[float] = []
+
+    def __call__(self) -> str:
+        self.deadlines.append(self.request["client_timeout"])
+        time.sleep(min(self.seconds, self.request["client_timeout"]))
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "raised"), [(STOPPING, ServerUnavailableError), (UNLOADING, ModelNotReadyError)])
+def test_a_call_whose_servers_all_refuse_ends_by_its_timeout(error, raised):
+    client = TumorClassifier("127.0.0.1:1,127.0.0.2:1,127.0.0.3:1", retries=2, backoff=0.2, timeout=1.5, check=False)
+    try:
+        request = {"client_timeout": client.timeout}
+        fn = Refusing(request, 0.25, error)
+        started = time.monotonic()
+        with pytest.raises(raised, match=str(error.message())[-20:]):
+            client._call(fn, "testing", balanced=True, request=request)
+        took = time.monotonic() - started
+    finally:
+        client.close()
+    assert took <= client.timeout + 0.2, (took, fn.deadlines)
+    assert len(fn.deadlines) <= 2 * 3 + 2 + 1  # resends capped at two per server, then the ordinary retries
+    assert fn.deadlines[0] == client.timeout and all(d < client.timeout for d in fn.deadlines[1:]), fn.deadlines
+    assert fn.deadlines == sorted(fn.deadlines, reverse=True)  # each resend: the time left of the call
 
 
 def test_one_server_is_not_asked_again_when_it_unloads():
@@ -136,6 +175,145 @@ def test_bad_drain_timeouts_are_refused(value, capsys):
         cli(["serve", "--drain-timeout", value])
     assert raised.value.code == 2
     assert "expected seconds, 0 or more" in capsys.readouterr().err
+
+
+#: A stand-in for ``tritonserver`` on SIGTERM: the two lines Triton 2.51 logs (as in a real log), then it unloads
+#: for a while and exits by itself.
+FAKE_TRITON = """
+import signal, sys, time
+log = sys.argv[1]
+def stop(*_):
+    with open(log, "a") as f:
+        f.write('I1129 19:35:49.880537 5231 server.cc:336] "All models are stopped, unloading models"\\n')
+        f.flush()
+        time.sleep(0.05)
+        f.write('I1129 19:35:49.880545 5231 server.cc:345] "Timeout 30: Found 1 live models and '
+                + sys.argv[2] + ' in-flight non-inference requests"\\n')
+    time.sleep(1.5)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+open(sys.argv[3], "w").close()
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize(("in_flight", "killed"), [("0", True), ("2", False)])
+def test_triton_is_killed_after_the_models_stop_only_when_nothing_else_is_in_flight(in_flight, killed, tmp_path):
+    import subprocess
+    import sys
+
+    from braintumor_serving.triton import ServerConfig, TritonServer
+
+    server = TritonServer(ServerConfig(repository=tmp_path))
+    server.log_file = tmp_path / "triton.log"
+    server.log_file.write_text("I1129 started\n")
+    started = tmp_path / "started"
+    script = tmp_path / "fake_triton.py"
+    script.write_text(FAKE_TRITON)
+    server.process = subprocess.Popen([sys.executable, str(script), str(server.log_file), in_flight, str(started)])
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert time.monotonic() < deadline and server.process.poll() is None
+        time.sleep(0.02)
+    begun = time.monotonic()
+    code = server._terminate(10)
+    took = time.monotonic() - begun
+    assert server.unload_skipped is killed
+    if killed:
+        assert code == -signal.SIGKILL and took < 1.2, (code, took)
+    else:  # non-inference calls still in flight: Triton finishes them and exits by itself
+        assert code == 0 and took >= 1.4, (code, took)
+
+
+class _Busy(http.server.BaseHTTPRequestHandler):
+    """Triton's metrics with one request pending, for ever."""
+
+    def do_GET(self) -> None:
+        body = b'nv_inference_pending_request_count{model="braintumor",version="3"} 1\n'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _serve_with_a_fake_triton(monkeypatch, drain_timeout: float, metrics_port: int, signals: tuple[float, ...]):
+    """Run ``triton.serve`` over a stand-in server (ready at once, its drain the real one, reading metrics from
+    ``metrics_port``), sending SIGTERM to this process after each of ``signals`` seconds; returns the stand-in and
+    the seconds serve took."""
+    from braintumor_serving import triton
+
+    class Front:
+        draining = False
+
+    class Process:
+        returncode = None
+
+        def poll(self) -> int | None:
+            return self.returncode
+
+    class Fake(triton.TritonServer):
+        def start(self) -> Fake:
+            self.process, self._front, self.shm_prefix = Process(), Front(), "braintumor-fake-"  # type: ignore[assignment]
+            return self
+
+        def is_ready(self) -> bool:
+            return True
+
+        def stop(self, timeout: float = 30.0) -> int | None:
+            if self.process is not None:
+                self.process.returncode = 0
+            return 0
+
+    made: list[Fake] = []
+
+    def fake(config):
+        made.append(Fake(config))
+        return made[-1]
+
+    config = triton.ServerConfig(metrics_port=metrics_port, drain_timeout=drain_timeout, host="127.0.0.1")
+    timers = [threading.Timer(t, os.kill, (os.getpid(), signal.SIGTERM)) for t in signals]
+    with monkeypatch.context() as patched:
+        patched.setattr(triton, "TritonServer", fake)
+        patched.setattr(triton, "_print_ready", lambda server: print("Triton is ready", flush=True))
+        for timer in timers:
+            timer.start()
+        started = time.monotonic()
+        try:
+            assert triton.serve(config) == 0
+        finally:
+            for timer in timers:
+                timer.join()
+    return made[0], time.monotonic() - started
+
+
+def test_serve_reports_a_drain_that_cannot_read_the_metrics_and_a_busy_one_apart(monkeypatch, capsys):
+    (closed,) = free_ports(1)
+    server, _ = _serve_with_a_fake_triton(monkeypatch, 5.0, closed, (0.3,))
+    out = capsys.readouterr().out
+    assert server._front.draining and "Cannot read Triton's metrics" in out and "Still busy" not in out, out
+    busy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Busy)
+    threading.Thread(target=busy.serve_forever, daemon=True).start()
+    try:
+        server, took = _serve_with_a_fake_triton(monkeypatch, 1.0, busy.server_address[1], (0.3,))
+        out = capsys.readouterr().out
+        assert "Still busy after 1 s" in out and "Cannot read" not in out, out
+        # a second signal cuts a long drain short
+        server, took = _serve_with_a_fake_triton(monkeypatch, 30.0, busy.server_address[1], (0.3, 1.0))
+        out = capsys.readouterr().out
+        assert "Drain cut short by a second signal" in out and took < 10, (out, took)
+    finally:
+        busy.shutdown()
+
+
+def test_serve_without_a_drain_still_answers_not_ready(monkeypatch, capsys):
+    (closed,) = free_ports(1)
+    server, _ = _serve_with_a_fake_triton(monkeypatch, 0.0, closed, (0.3,))
+    out = capsys.readouterr().out
+    assert server._front.draining and "--drain-timeout 0" in out and "Draining" not in out, out
 
 
 def _status(host_port: str, path: str) -> int:
@@ -205,6 +383,18 @@ def _pixels(n: int) -> np.ndarray:
     return preprocess_batch([random_slice(rng, 224, k % 4) for k in range(n)])
 
 
+def _assert_nothing_left(log: str) -> None:
+    """No process (``tritonserver``, a stub) and no shared-memory region of the server whose ``serve`` output is
+    ``log`` is left."""
+    from braintumor_serving.lifecycle import region_files, server_processes
+
+    prefixes = re.findall(r"shared memory: /dev/shm/(\S+)\*", log)
+    assert prefixes, log
+    for prefix in prefixes:
+        assert server_processes(prefix) == [], (prefix, server_processes(prefix))
+        assert region_files(prefix) == [], (prefix, region_files(prefix))
+
+
 #: Seconds before ``serve`` stops Triton that a request must have been sent to count as reaching it first.
 MARGIN = 0.3
 
@@ -267,6 +457,7 @@ def test_sigterm_to_one_of_two_replicas_under_load_fails_no_request(replicas, ca
     assert code == 0, log
     assert "Draining: readiness answers 503" in log and "Triton ended before unloading the models" in log, log
     assert 503 in readiness, readiness
+    _assert_nothing_left(log)
     assert counts.get("errored", 0) == 0 and counts.get("wrong", 0) == 0 and counts["lost"] == 0, counts
     assert survivor.is_ready()
 
@@ -316,6 +507,7 @@ def test_sigterm_to_a_single_server_lets_its_requests_in_flight_finish(replicas,
             f"later ones refused: {dict(refused)}; serve exited {code} after {stop_s:.1f} s"
         )
     assert code == 0, log
+    _assert_nothing_left(log)
     assert before and all(r[2] == "answered" for r in before), [r for r in before if r[2] != "answered"][:3]
     assert drained, "nothing was sent and served during the drain"
     assert max(r[1] for r in before) > stopping[0], "no request was in flight when Triton was told to stop"

@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType, TracebackType
 from typing import Any, Literal, TypedDict
 
@@ -57,8 +57,13 @@ STRATEGIES: tuple[str, ...] = ("packed", "concurrent")
 READY_POLL_INTERVAL = 0.2
 #: Deadline of one readiness check, in seconds (or the client's ``timeout`` when shorter).
 READY_POLL_TIMEOUT = 2.0
-#: Seconds before a request that a stopping server refused is sent again, to another server of a balanced target.
+#: Seconds before a request that a stopping server refused is sent again, to another server of a balanced target
+#: (the first time; it doubles at each further resend of the same call, up to :data:`STOPPING_RETRY_MAX_DELAY`).
 STOPPING_RETRY_DELAY = 0.05
+#: The longest wait before such a resend, in seconds.
+STOPPING_RETRY_MAX_DELAY = 0.5
+#: One call sends a stopping server's refusal again at most this many times per server of its target.
+STOPPING_RESENDS_PER_SERVER = 2
 
 
 #: The channel's service configuration when a target names several servers: round-robin over the servers whose
@@ -383,25 +388,41 @@ class Attempt:
     try, or raises the translated SDK error when it is not retryable or the retries are spent.
 
     A request that a stopping server refused (:func:`braintumor.errors.server_stopping`) on a channel balanced
-    over several servers is sent again after :data:`STOPPING_RETRY_DELAY` (round-robin takes it to the next
-    server) without spending a retry, until ``moving_until``; such a try sets :attr:`moved`.
+    over several servers is sent again (round-robin takes it to the next server) without spending a retry, after
+    :data:`STOPPING_RETRY_DELAY` doubling at each resend (at most :data:`STOPPING_RETRY_MAX_DELAY`), at most
+    ``max_moves`` times, and only while the wait ends before ``moving_until``; such a try sets :attr:`moved`. A
+    balanced call never runs past ``moving_until`` (its deadline): a retry that would wait past it raises the
+    error instead, and each try after the first gets the time left as its own deadline (:attr:`timeout`).
 
     Args:
         number: the try, from 0.
         during: what the SDK is doing, for error messages.
         retries: further tries after the first.
         backoff: the first wait, in seconds (doubles each time).
-        moving_until: :func:`time.monotonic` until which a stopping server's refusal is sent again; ``None``
-            when the call does not go through a balanced channel.
+        moving_until: :func:`time.monotonic` until which a stopping server's refusal is sent again (the call's
+            deadline); ``None`` when the call does not go through a balanced channel.
+        moves: resends of this call so far.
+        max_moves: the most resends of one call.
     """
 
     def __init__(
-        self, number: int, during: str, retries: int, backoff: float, moving_until: float | None = None
+        self,
+        number: int,
+        during: str,
+        retries: int,
+        backoff: float,
+        moving_until: float | None = None,
+        moves: int = 0,
+        max_moves: int = 2 * STOPPING_RESENDS_PER_SERVER,
     ) -> None:
         self.number, self.during, self.retries, self.backoff = number, during, retries, backoff
-        self.moving_until = moving_until
+        self.moving_until, self.moves, self.max_moves = moving_until, moves, max_moves
         self.delay = 0.0
         self.moved = False
+        #: The deadline of this try's request (``client_timeout``), or ``None`` for the call's own timeout.
+        self.timeout: float | None = None
+        if moving_until is not None and (number or moves):
+            self.timeout = max(0.001, moving_until - time.monotonic())
 
     def __enter__(self) -> Attempt:
         return self
@@ -409,16 +430,15 @@ class Attempt:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> bool:
         if not isinstance(error, InferenceServerException):
             return False
-        if (
-            self.moving_until is not None
-            and server_stopping(error)
-            and time.monotonic() + STOPPING_RETRY_DELAY < self.moving_until
-        ):
-            self.delay, self.moved = STOPPING_RETRY_DELAY, True
-            return True
-        self.delay = retry_delay(
-            error, during=self.during, attempt=self.number, retries=self.retries, backoff=self.backoff
-        )
+        if self.moving_until is not None and server_stopping(error) and self.moves < self.max_moves:
+            delay = min(STOPPING_RETRY_DELAY * 2**self.moves, STOPPING_RETRY_MAX_DELAY)
+            if time.monotonic() + delay < self.moving_until:
+                self.delay, self.moved = delay, True
+                return True
+        delay = retry_delay(error, during=self.during, attempt=self.number, retries=self.retries, backoff=self.backoff)
+        if self.moving_until is not None and time.monotonic() + delay >= self.moving_until:
+            raise from_triton(error, during=self.during) from error  # the call's deadline comes first
+        self.delay = delay
         return True
 
 
@@ -614,15 +634,20 @@ class ClientCore:
         Args:
             during: what the call is for, for error messages.
             balanced: the call goes through the client's own channel, which may spread requests over several
-                servers: a stopping server's refusal is then sent again (to the next server) until the call's
-                ``timeout`` has passed, without spending a retry (see :class:`Attempt`).
+                servers: a stopping server's refusal is then sent again (to the next server) without spending a
+                retry, at most :data:`STOPPING_RESENDS_PER_SERVER` times per server, and the whole call ends by its
+                ``timeout`` (see :class:`Attempt`).
         """
         moving_until = time.monotonic() + self.timeout if balanced and self.target.balanced else None
-        number = 0
+        max_moves = STOPPING_RESENDS_PER_SERVER * max(2, len(self.target.servers))
+        number = moves = 0
         while number <= self.retries:
-            attempt = Attempt(number, during, self.retries, self.backoff, moving_until)
+            attempt = Attempt(number, during, self.retries, self.backoff, moving_until, moves, max_moves)
             yield attempt
-            number += 0 if attempt.moved else 1
+            if attempt.moved:
+                moves += 1
+            else:
+                number += 1
 
     def _polls(self, timeout: float) -> Iterator[Poll]:
         """Readiness checks until ``timeout`` seconds have passed; then raise :class:`ModelNotReadyError`."""
@@ -684,6 +709,8 @@ class ClientCore:
             except ModelMismatchError as err:
                 raise ModelMismatchError(f"{server} (of {self.url}): {err}") from err
         (first, model), *others = models.items()
+        # answered_by (a canary's): asked for only when every server serves it, as a plain one refuses the request
+        model = replace(model, answered_by=all(m.answered_by for m in models.values()))
         for server, other in others:
             for what in ("name", "image_size", "max_batch_size", "heatmap_size", "preprocessing"):
                 if getattr(model, what) != getattr(other, what):
@@ -693,6 +720,22 @@ class ClientCore:
                     )
         self.model = model
         return model
+
+    def _without_answered_by(self, served: ServedModel, error: BrainTumorError) -> ServedModel | None:
+        """When ``error`` is a server's refusal of the ``answered_by`` output (``INVALID_ARGUMENT`` naming it: a
+        server that is no canary, the request never ran), ``served`` without it, also kept as :attr:`model`;
+        else ``None``.
+
+        Args:
+            served: what the request was built for.
+            error: what the request raised.
+        """
+        if not served.answered_by or error.status != "INVALID_ARGUMENT" or ANSWERED_BY_OUTPUT not in str(error):
+            return None
+        plain = replace(served, answered_by=False)
+        if self.model is not None and self.model.version == served.version:
+            self.model = replace(self.model, answered_by=False)
+        return plain
 
     def _ready_request(self) -> dict[str, Any]:
         """The arguments of one readiness check."""

@@ -10,13 +10,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar, Unpack
+from typing import Any, TypeVar, Unpack
 
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 
 from braintumor._core import Batch, BatchOptions, ClientCore, Images, ServedModel, Strategy, to_predictions
-from braintumor.errors import BrainTumorError, ModelNotReadyError, ServerUnavailableError, server_stopping
+from braintumor.errors import (
+    BrainTumorError,
+    InferenceError,
+    ModelNotReadyError,
+    ServerUnavailableError,
+    server_stopping,
+)
 from braintumor.prediction import Prediction
 from braintumor.preprocessing import ImageSource
 
@@ -38,8 +44,16 @@ class AsyncTumorClassifier(ClientCore):
 
     transport = grpcaio
 
-    async def _call(self, fn: Callable[[], Awaitable[T]], during: str, balanced: bool = False) -> T:
+    async def _call(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        during: str,
+        balanced: bool = False,
+        request: dict[str, Any] | None = None,
+    ) -> T:
         for attempt in self._attempts(during, balanced):
+            if request is not None and attempt.timeout is not None:
+                request["client_timeout"] = attempt.timeout  # the time left of the call
             with attempt:
                 return await fn()
             await asyncio.sleep(attempt.delay)
@@ -139,7 +153,15 @@ class AsyncTumorClassifier(ClientCore):
     ) -> list[Prediction]:
         request, during = self._infer_request(served, pixels, explain, explain_label)
         start = time.perf_counter()
-        result = await self._call(lambda: self._client.infer(**request), during, balanced=True)
+        try:
+            result = await self._call(lambda: self._client.infer(**request), during, balanced=True, request=request)
+        except InferenceError as err:
+            plain = self._without_answered_by(served, err)
+            if plain is None:
+                raise
+            # a server that is no canary refused the answered_by output before running anything: once without it
+            request, during = self._infer_request(plain, pixels, explain, explain_label)
+            result = await self._call(lambda: self._client.infer(**request), during, balanced=True, request=request)
         return to_predictions(result, (time.perf_counter() - start) * 1000.0, explain, explain_label)
 
     async def predict(

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from typing import TypeVar, Unpack
+from typing import Any, TypeVar, Unpack
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -22,6 +22,7 @@ from braintumor._core import Batch, BatchOptions, ClientCore, Images, ServedMode
 from braintumor.errors import (
     BrainTumorError,
     DeadlineExceededError,
+    InferenceError,
     ModelNotReadyError,
     ServerUnavailableError,
     server_stopping,
@@ -52,8 +53,12 @@ class TumorClassifier(ClientCore, AbstractContextManager):
     connects_on_init = True
     # ``with TumorClassifier(...) as classifier``: AbstractContextManager's __enter__ returns the client.
 
-    def _call(self, fn: Callable[[], T], during: str, balanced: bool = False) -> T:
+    def _call(
+        self, fn: Callable[[], T], during: str, balanced: bool = False, request: dict[str, Any] | None = None
+    ) -> T:
         for attempt in self._attempts(during, balanced):
+            if request is not None and attempt.timeout is not None:
+                request["client_timeout"] = attempt.timeout  # the time left of the call
             with attempt:
                 return fn()
             time.sleep(attempt.delay)
@@ -163,7 +168,15 @@ class TumorClassifier(ClientCore, AbstractContextManager):
     ) -> list[Prediction]:
         request, during = self._infer_request(served, pixels, explain, explain_label)
         start = time.perf_counter()
-        result = self._call(lambda: self._client.infer(**request), during, balanced=True)
+        try:
+            result = self._call(lambda: self._client.infer(**request), during, balanced=True, request=request)
+        except InferenceError as err:
+            plain = self._without_answered_by(served, err)
+            if plain is None:
+                raise
+            # a server that is no canary refused the answered_by output before running anything: once without it
+            request, during = self._infer_request(plain, pixels, explain, explain_label)
+            result = self._call(lambda: self._client.infer(**request), during, balanced=True, request=request)
         return to_predictions(result, (time.perf_counter() - start) * 1000.0, explain, explain_label)
 
     def predict(

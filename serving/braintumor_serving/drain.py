@@ -18,11 +18,15 @@ import argparse
 import sys
 import time
 import urllib.error
+from collections.abc import Callable
 
 from braintumor_serving.triton import read_metric
 
 PENDING = "nv_inference_pending_request_count"
 COMPLETED = ("nv_inference_request_success", "nv_inference_request_failure")
+#: How :func:`wait_for_idle` ended: nothing in flight; still busy at the timeout; Triton's metrics could not be
+#: read; cut short (a second signal to ``braintumor serve``).
+IDLE, BUSY, UNREADABLE, INTERRUPTED = "idle", "busy", "unreadable", "interrupted"
 
 
 def activity(metrics_url: str) -> tuple[float, float]:
@@ -34,11 +38,50 @@ def activity(metrics_url: str) -> tuple[float, float]:
     return read_metric(metrics_url, PENDING), sum(read_metric(metrics_url, name) for name in COMPLETED)
 
 
-def wait_idle(metrics_url: str, quiet: float = 1.0, timeout: float = 30.0, interval: float = 0.1) -> bool:
-    """Wait until nothing is pending and no request completed for ``quiet`` seconds.
+def wait_for_idle(
+    metrics_url: str,
+    quiet: float = 1.0,
+    timeout: float = 30.0,
+    interval: float = 0.1,
+    interrupted: Callable[[], bool] | None = None,
+) -> str:
+    """Wait until nothing is pending and no request completed for ``quiet`` seconds; say how the wait ended.
 
     A request being executed is not counted as pending; it shows when it completes, so ``quiet`` must be
     longer than the slowest request (a batch of 32 takes about 0.1 s here).
+
+    Args:
+        metrics_url: Triton's Prometheus endpoint.
+        quiet: seconds without activity that count as idle.
+        timeout: give up after this long.
+        interval: seconds between two readings.
+        interrupted: checked before each reading; when it returns ``True`` the wait ends at once.
+
+    Returns:
+        :data:`IDLE`; :data:`BUSY` when ``timeout`` passed first; :data:`UNREADABLE` when the metrics cannot be
+        read (nothing is known about the requests in flight); :data:`INTERRUPTED` when ``interrupted`` said so.
+    """
+    deadline = time.monotonic() + timeout
+    last: float | None = None
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        if interrupted is not None and interrupted():
+            return INTERRUPTED
+        try:
+            pending, completed = activity(metrics_url)
+        except (urllib.error.URLError, OSError):
+            return UNREADABLE
+        now = time.monotonic()
+        if pending > 0 or completed != last:
+            last, since = completed, now
+        elif now - since >= quiet:
+            return IDLE
+        time.sleep(interval)
+    return BUSY
+
+
+def wait_idle(metrics_url: str, quiet: float = 1.0, timeout: float = 30.0, interval: float = 0.1) -> bool:
+    """Wait until nothing is pending and no request completed for ``quiet`` seconds (:func:`wait_for_idle`).
 
     Args:
         metrics_url: Triton's Prometheus endpoint.
@@ -50,21 +93,7 @@ def wait_idle(metrics_url: str, quiet: float = 1.0, timeout: float = 30.0, inter
         ``True`` when idle, ``False`` when ``timeout`` passed first or the metrics cannot be read (a server
         that is gone has nothing in flight either; the caller goes on either way).
     """
-    deadline = time.monotonic() + timeout
-    last: float | None = None
-    since = time.monotonic()
-    while time.monotonic() < deadline:
-        try:
-            pending, completed = activity(metrics_url)
-        except (urllib.error.URLError, OSError):
-            return False
-        now = time.monotonic()
-        if pending > 0 or completed != last:
-            last, since = completed, now
-        elif now - since >= quiet:
-            return True
-        time.sleep(interval)
-    return False
+    return wait_for_idle(metrics_url, quiet, timeout, interval) == IDLE
 
 
 def parser() -> argparse.ArgumentParser:

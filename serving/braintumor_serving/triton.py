@@ -29,6 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -65,6 +66,10 @@ DRAIN_QUIET = 1.0
 #: model's scheduler: it then unloads the models (about 4 s for the python backend's stubs) and answers
 #: ``NOT_FOUND ... has no available versions`` to every request until its endpoints close.
 MODELS_STOPPED = "All models are stopped, unloading models"
+#: The line Triton 2.51 logs right after :data:`MODELS_STOPPED` (then once a second while unloading), e.g.
+#: ``Timeout 30: Found 1 live models and 0 in-flight non-inference requests``: the SIGKILL comes only when it says 0
+#: (a metadata, readiness or repository call still in flight would otherwise be cut off).
+IN_FLIGHT = re.compile(r"Found (\d+) live models and (\d+) in-flight non-inference requests")
 #: Seconds between :data:`MODELS_STOPPED` and the SIGKILL: the gRPC endpoint sends the last answers it holds.
 FLUSH_GRACE = 0.2
 
@@ -506,38 +511,47 @@ class TritonServer:
         errors = [line for line in lines if ("UNAVAILABLE" in line or "rror" in line) and "NVML" not in line]
         return errors[-1].strip() if errors else ""
 
-    def drain(self, timeout: float, quiet: float = DRAIN_QUIET) -> bool:
-        """Prepare a graceful stop: readiness (``/v2/health/ready`` and each model's) answers 503 from now on, so
-        that balancers and Kubernetes take the server out, while every request is still served; then wait until
-        none is in flight (Triton's metrics: nothing pending, nothing completing for ``quiet`` seconds).
+    def start_draining(self) -> None:
+        """Answer 503 on readiness (``/v2/health/ready`` and each model's) from now on, so that balancers and
+        Kubernetes take the server out, while every request is still served."""
+        if self._front is not None:
+            self._front.draining = True
+
+    def drain(self, timeout: float, quiet: float = DRAIN_QUIET, interrupted: Callable[[], bool] | None = None) -> str:
+        """Prepare a graceful stop: :meth:`start_draining`, then wait until no request is in flight (Triton's
+        metrics: nothing pending, nothing completing for ``quiet`` seconds).
 
         Triton's own gRPC readiness cannot be changed: gRPC clients keep sending until :meth:`stop`.
 
         Args:
             timeout: seconds to wait at most.
             quiet: seconds without activity that count as idle.
+            interrupted: ends the wait at once when it returns ``True`` (a second signal).
 
         Returns:
-            Whether the server was idle within ``timeout``.
+            How the wait ended (:func:`braintumor_serving.drain.wait_for_idle`): ``"idle"`` (also when the
+            server is not running), ``"busy"`` at the timeout, ``"unreadable"`` when the metrics cannot be read,
+            ``"interrupted"``.
         """
-        from braintumor_serving.drain import wait_idle
+        from braintumor_serving.drain import IDLE, wait_for_idle
 
-        if self._front is not None:
-            self._front.draining = True
+        self.start_draining()
         if self.process is None or self.process.poll() is not None:
-            return True
-        return wait_idle(self.local_metrics_url, quiet=quiet, timeout=timeout)
+            return IDLE
+        return wait_for_idle(self.local_metrics_url, quiet=quiet, timeout=timeout, interrupted=interrupted)
 
     def _terminate(self, timeout: float) -> int | None:
-        """SIGTERM ``tritonserver``; once it logs :data:`MODELS_STOPPED` (every request in flight has finished),
-        SIGKILL it rather than let it unload the models for seconds while answering ``NOT_FOUND``; SIGKILL it
-        after ``timeout`` in any case."""
+        """SIGTERM ``tritonserver``; once it logs :data:`MODELS_STOPPED` (every inference request in flight has
+        finished) followed by :data:`IN_FLIGHT` saying 0 non-inference requests are in flight, SIGKILL it rather than
+        let it unload the models for seconds while answering ``NOT_FOUND``; when that line counts some, let Triton
+        finish them and stop by itself. SIGKILL it after ``timeout`` in any case."""
         process = self.process
         if process is None or process.poll() is not None:
             return None if process is None else process.returncode
         log = self.log_file if self.log_file and self.log_file.exists() else None
         offset = log.stat().st_size if log else 0
         tail = ""
+        stopped: bool | None = None  # MODELS_STOPPED not seen yet; then whether to kill once IN_FLIGHT says 0
         process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while process.poll() is None and time.monotonic() < deadline:
@@ -547,11 +561,16 @@ class TritonServer:
                     data = f.read()
                 offset += len(data)
                 text = tail + data.decode(errors="replace")
-                if MODELS_STOPPED in text:
-                    self.unload_skipped = True
-                    time.sleep(FLUSH_GRACE)
-                    break
-                tail = text[-len(MODELS_STOPPED) :]  # a line written in two pieces is still found
+                if stopped is None and MODELS_STOPPED in text:
+                    stopped, text = True, text[text.index(MODELS_STOPPED) + len(MODELS_STOPPED) :]
+                if stopped and (found := IN_FLIGHT.search(text)):
+                    if int(found.group(2)) == 0:  # nothing else in flight: skip the unload
+                        self.unload_skipped = True
+                        time.sleep(FLUSH_GRACE)
+                        break
+                    stopped = False  # calls still in flight: let Triton finish them, unload and exit itself
+                keep = 200 if stopped else len(MODELS_STOPPED)
+                tail = text[-keep:]  # a line written in two pieces is still found
             time.sleep(0.02)
         if process.poll() is None:
             process.kill()
@@ -693,6 +712,8 @@ def serve(config: ServerConfig, ready_timeout: float = 180.0, restart: RestartPo
         0 after a stop by signal, 1 when ``tritonserver`` died (and was not, or no longer, restarted),
         2 when the first start failed.
     """
+    from braintumor_serving.drain import BUSY, INTERRUPTED, UNREADABLE
+
     policy = restart or RestartPolicy()
     stopping: list[int] = []
 
@@ -705,14 +726,26 @@ def serve(config: ServerConfig, ready_timeout: float = 180.0, restart: RestartPo
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _stop(server: TritonServer) -> int:
+        server.start_draining()  # readiness answers 503 even without a drain (--drain-timeout 0)
         if config.drain_timeout > 0:
             print(
                 f"Draining: readiness answers 503; waiting at most {config.drain_timeout:g} s for the requests in "
-                "flight ...",
+                "flight (a second signal cuts it short) ...",
                 flush=True,
             )
-            if not server.drain(config.drain_timeout):
+            outcome = server.drain(config.drain_timeout, interrupted=lambda: len(stopping) > 1)
+            if outcome == BUSY:
                 print(f"Still busy after {config.drain_timeout:g} s (--drain-timeout).", flush=True)
+            elif outcome == UNREADABLE:
+                print(
+                    f"Cannot read Triton's metrics ({server.local_metrics_url}): the requests in flight are unknown; "
+                    "not waiting for them.",
+                    flush=True,
+                )
+            elif outcome == INTERRUPTED:
+                print("Drain cut short by a second signal.", flush=True)
+        else:
+            print("Readiness answers 503; not waiting for the requests in flight (--drain-timeout 0).", flush=True)
         print("Stopping Triton (waiting for in-flight requests) ...", flush=True)
         code = server.stop()
         if server.unload_skipped:

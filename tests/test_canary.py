@@ -165,6 +165,57 @@ def test_an_absent_candidate_makes_fallbacks_and_fails_no_request(source, images
 
 
 @pytest.mark.slow  # starts a real Triton
+def test_concurrent_requests_of_several_sizes_get_the_answer_of_the_version_named(source, images, expected, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    shadow.canary_repository(source, CANDIDATE, tmp_path / "repo", 0.5, seed=5)
+    with _server(tmp_path / "repo") as server:
+        server.wait_until_ready(240)
+
+        def send(k: int) -> tuple[int, int]:
+            client = grpcclient.InferenceServerClient(server.config.grpc_url)
+            start, size = k % 6, 1 + k % 3  # batches of the dynamic batcher mix requests of 1 to 3 images
+            _, by, probabilities = _infer(client, images[start : start + size])
+            np.testing.assert_allclose(probabilities, expected[by][start : start + size], atol=1e-5)
+            return int(by == str(CANDIDATE)), size
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(send, range(160)))
+        counts = _counts(server.config.metrics_url)
+    print(f"\ncanary under 8 concurrent callers: {counts}")
+    assert counts["candidate"] == sum(c for c, _ in results) and counts["fallback"] == 0
+    assert counts["candidate"] + counts["primary"] == 160 and 0 < counts["candidate"] < 160
+
+
+@pytest.mark.slow  # starts two real Tritons
+def test_an_sdk_over_a_canary_and_a_plain_server_asks_answered_by_of_neither(source, images, expected, tmp_path):
+    from dataclasses import replace
+
+    from braintumor import TumorClassifier
+
+    shadow.canary_repository(source, CANDIDATE, tmp_path / "canary", 0.5, seed=2)
+    with _server(tmp_path / "canary") as canary, _server(source) as plain:
+        canary.wait_until_ready(240)
+        plain.wait_until_ready(240)
+        url = f"{canary.config.grpc_url},{plain.config.grpc_url}"
+        client = TumorClassifier(url)
+        try:
+            # the version both serve, and no answered_by (the plain server would refuse it)
+            assert client.model.version == str(PRIMARY) and not client.model.answered_by
+            for k in range(16):
+                prediction = client.predict_pixels(images[k % 8 : k % 8 + 1])[0]
+                assert prediction.model_version == str(PRIMARY)
+                found = [prediction.probabilities[label] for label in LABELS]
+                assert found == pytest.approx(list(expected["3"][k % 8]), abs=1e-5)
+            # a model learned from the canary alone (a leftover): the plain server's refusal drops the output
+            client.model = replace(client.model, answered_by=True)
+            answered = [client.predict_pixels(images[k % 8 : k % 8 + 1])[0].model_version for k in range(8)]
+            assert set(answered) == {str(PRIMARY)} and not client.model.answered_by
+        finally:
+            client.close()
+
+
+@pytest.mark.slow  # starts a real Triton
 def test_serve_canary_command(images, tmp_path):
     # the committed layout (versions 1–4, latest 2 served: 3 and 4): the canary of 4 serves 3 and the router, not 2
     source = copy_repository(tmp_path / "published")

@@ -20,7 +20,8 @@ bounded queue once its answer is computed, and a background thread has the candi
 counts the agreement in Triton's metrics; nothing of it reaches the caller, and no shadow failure fails a
 request), ``canary`` (JSON set by ``braintumor serve --canary``, see :mod:`braintumor_serving.shadow`: the
 named routing version, which runs the primary's files, answers a seeded-random share of its requests from the
-candidate through a synchronous BLS request and the rest itself; a failed candidate request is answered by
+candidate (the requests of one batch drawn for it in one synchronous BLS request, whose ``timeout`` Triton applies
+to the candidate's queueing only) and the rest itself; a failed candidate request is answered by
 the primary instead; ``braintumor_canary_requests_total{answered_by=…}`` counts them). A configuration output
 named ``answered_by`` (int32, ``[batch, 1]``; the canary's configuration has it) is not the graph's: every
 version answers it with the version whose graph computed each image's answer (Triton 2.51's python backend
@@ -222,42 +223,49 @@ class _Canary:
             return None
         return bool(self.rng.random() < self.spec.share)
 
-    def ask(self, request: Any, wanted: list[str], answered_by: str | None) -> Any | None:
-        """The candidate's answer to ``request`` as this model's response, or ``None`` when it failed (logged
-        the first time and every thousandth).
+    def ask(self, requests: list[Any], wanted: list[str], answered_by: list[str | None]) -> list[Any] | None:
+        """The candidate's answers to ``requests`` (their images in one batched BLS request) as this model's
+        responses, in order, or ``None`` when it failed (logged the first time and every thousandth).
 
         Args:
-            request: the caller's request.
-            wanted: the graph's outputs it asks for (the candidate is asked for these).
-            answered_by: the name of the ``answered_by`` output when the request asks for it too.
+            requests: the callers' requests (of one batch, asking for the same outputs).
+            wanted: the graph's outputs they ask for (the candidate is asked for these).
+            answered_by: per request, the name of the ``answered_by`` output when it asks for it too.
         """
         try:
-            inputs = [pb_utils.Tensor(n, pb_utils.get_input_tensor_by_name(request, n).as_numpy()) for n in self.inputs]
+            arrays = {n: [pb_utils.get_input_tensor_by_name(r, n).as_numpy() for r in requests] for n in self.inputs}
+            sizes = [len(a) for a in arrays[self.inputs[0]]]
+            inputs = [pb_utils.Tensor(n, a[0] if len(a) == 1 else np.concatenate(a)) for n, a in arrays.items()]
             response = pb_utils.InferenceRequest(
                 model_name=self.spec.candidate_model,
                 model_version=int(self.spec.candidate_version),
                 inputs=inputs,
                 requested_output_names=wanted,
-                timeout=int(self.spec.timeout_s * 1e6),
+                timeout=int(self.spec.timeout_s * 1e6),  # Triton applies it to the queueing only
             ).exec()
             if response.has_error():
                 raise RuntimeError(response.error().message())
-            tensors = [pb_utils.Tensor(n, pb_utils.get_output_tensor_by_name(response, n).as_numpy()) for n in wanted]
-            if answered_by is not None:
-                images = len(tensors[0].as_numpy()) if tensors else len(inputs[0].as_numpy())
-                version = np.full((images, 1), int(self.spec.candidate_version), np.int32)
-                tensors.append(pb_utils.Tensor(answered_by, version))
-            answer = pb_utils.InferenceResponse(output_tensors=tensors)
+            outputs = {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in wanted}
+            bounds = np.cumsum([0, *sizes])
+            answers = []
+            for j, name in enumerate(answered_by):
+                tensors = [
+                    pb_utils.Tensor(n, np.ascontiguousarray(outputs[n][bounds[j] : bounds[j + 1]])) for n in wanted
+                ]
+                if name is not None:
+                    version = np.full((sizes[j], 1), int(self.spec.candidate_version), np.int32)
+                    tensors.append(pb_utils.Tensor(name, version))
+                answers.append(pb_utils.InferenceResponse(output_tensors=tensors))
         except Exception as err:  # the primary answers instead: a canary failure never fails a caller
-            if self.errors % 1000 == 0:
+            if self.errors == 0 or (self.errors + len(requests)) // 1000 > self.errors // 1000:
                 pb_utils.Logger.log_warn(
                     f"canary: candidate {self.spec.candidate_model} version {self.spec.candidate_version} failed "
-                    f"({self.errors + 1} failed requests so far; the primary answered them): {err}"
+                    f"({self.errors + len(requests)} failed requests so far; the primary answered them): {err}"
                 )
-            self.errors += 1
+            self.errors += len(requests)
             return None
-        self.counters["candidate"].increment(1)
-        return answer
+        self.counters["candidate"].increment(len(requests))
+        return answers
 
 
 class TritonPythonModel:
@@ -352,8 +360,8 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """Run the ``requests`` as one ONNX Runtime batch per session they need; one response per request,
-        in order. On a canary's routing version, the requests drawn for the candidate are answered by it first
-        (those it fails join the batch).
+        in order. On a canary's routing version, the requests drawn for the candidate are answered by it first,
+        in one batched BLS request per set of outputs asked for (those it fails join the primary's batch).
 
         Args:
             requests: Triton's requests for this instance.
@@ -366,13 +374,21 @@ class TritonPythonModel:
         #: who answers each request this instance answers itself, for the canary's counters
         answered: dict[int, str] = {}
         if self.canary is not None:
-            for k, request in enumerate(requests):
+            #: the requests drawn for the candidate, by the outputs they want: one BLS request each
+            diverted: dict[tuple[str, ...], list[int]] = {}
+            for k in range(len(requests)):
                 chosen = self.canary.choose()
                 if chosen:
-                    outputs = [n for n in self.outputs if n in wanted[k]]
-                    responses[k] = self.canary.ask(request, outputs, self.answered_by if versions[k] else None)
-                if chosen is not None and responses[k] is None:
-                    answered[k] = "fallback" if chosen else "primary"
+                    diverted.setdefault(tuple(n for n in self.outputs if n in wanted[k]), []).append(k)
+                elif chosen is not None:
+                    answered[k] = "primary"
+            for outputs, members in diverted.items():
+                names = [self.answered_by if versions[k] else None for k in members]
+                answers = self.canary.ask([requests[k] for k in members], list(outputs), names)
+                for k, answer in zip(members, answers or [None] * len(members), strict=True):
+                    responses[k] = answer
+                    if answer is None:
+                        answered[k] = "fallback"
         groups: dict[int, list[int]] = {}
         for k, names in enumerate(wanted):
             if responses[k] is None:

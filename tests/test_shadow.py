@@ -140,8 +140,8 @@ def test_disagreement_metrics_count_exactly_what_the_versions_disagree_on(source
 
 @pytest.mark.slow  # starts a real Triton
 def test_serve_shadow_command_serves_the_primary_and_refuses_an_unknown_candidate(tmp_path):
-    # the committed layout (versions 1–4, latest 2 served: 3 and 4): the shadow of 4 serves 3 alone, not 2
-    source = copy_repository(tmp_path / "published")
+    # the committed layout up to version 4 (latest 2 served: 3 and 4): the shadow of 4 serves 3 alone, not 2
+    source = copy_repository(tmp_path / "published", keep=(1, 2, 3, 4))
     command = [sys.executable, "-m", "braintumor.cli", "serve", "--repository", str(source)]
     refused = subprocess.run([*command, "--shadow", "7"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "version 7 of braintumor is not in" in refused.stderr

@@ -243,8 +243,11 @@ def run(
     # front's thread, the watchdog's pipe), ONNX Runtime's two-thread pool measured at half its speed in some
     # runs (1,148 against 556 images/s at batch 32 in the same run), while a separate process measured the
     # full speed beside the same running server.
+    # Each point gets a process of its own, too: one worker reused for every point measured the second
+    # version's points at half speed (562 against 1,199 images/s at batch 32 for two graphs that run equally
+    # fast alone), as if the earlier sessions' thread pools were still competing.
     spawn = multiprocessing.get_context("spawn")
-    measure = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn)
+    measure = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1)
     for version in versions:
         files = precisions(model_dir / version)
         for precision, path in files.items():

@@ -395,8 +395,11 @@ def _assert_nothing_left(log: str) -> None:
         assert region_files(prefix) == [], (prefix, region_files(prefix))
 
 
-#: Seconds before ``serve`` stops Triton that a request must have been sent to count as reaching it first.
-MARGIN = 0.3
+#: Seconds before ``serve`` stops Triton that a request must have been sent to count as reaching it first
+#: (a 2.4 MB request may take a while to leave a busy client).
+MARGIN = 0.5
+#: How a request that reached a stopping server may end: Triton's own refusals while it stops, then no server.
+STOPPING_ERRORS = ("Server is stopping", "is not at ready state", "Connection reset", "Failed to connect")
 
 
 def _watch_log(path: Path, text: str, until: threading.Event, seen: list[float]) -> None:
@@ -510,5 +513,9 @@ def test_sigterm_to_a_single_server_lets_its_requests_in_flight_finish(replicas,
     _assert_nothing_left(log)
     assert before and all(r[2] == "answered" for r in before), [r for r in before if r[2] != "answered"][:3]
     assert drained, "nothing was sent and served during the drain"
-    assert max(r[1] for r in before) > stopping[0], "no request was in flight when Triton was told to stop"
+    with ledger.lock:
+        finished_after = [r for r in ledger.records if r[2] == "answered" and r[1] > stopping[0]]
+        unexpected = [r for r in ledger.records if r[2] != "answered" and not any(e in r[3] for e in STOPPING_ERRORS)]
+    assert finished_after, "no request in flight when Triton was told to stop finished after it"
+    assert not unexpected, unexpected[:3]  # nothing wrong, nothing but a stopping server's clear refusals
     assert stop_s < 5.0 + 10.0, log  # --drain-timeout (default 5 s) and the stop itself

@@ -399,7 +399,13 @@ def _assert_nothing_left(log: str) -> None:
 #: (a 2.4 MB request may take a while to leave a busy client).
 MARGIN = 0.5
 #: How a request that reached a stopping server may end: Triton's own refusals while it stops, then no server.
-STOPPING_ERRORS = ("Server is stopping", "is not at ready state", "Connection reset", "Failed to connect")
+STOPPING_ERRORS = (
+    "Server is stopping",
+    "is not at ready state",
+    "Connection reset",
+    "Broken pipe",
+    "Failed to connect",
+)
 
 
 def _watch_log(path: Path, text: str, until: threading.Event, seen: list[float]) -> None:

@@ -308,21 +308,26 @@ class TritonPythonModel:
             self.sessions.append((lean, session))
         self.sessions.append((self.outputs, self.session))
 
+        # Triton's warm-up requests reach this instance first: neither shadowed nor diverted nor counted
+        warmup = sum(
+            int(w.get("batch_size", 1)) * max(1, int(w.get("count", 1))) for w in config.get("model_warmup", [])
+        )
+
+        def rollout_labels(primary: int, candidate_model: str, candidate_version: int) -> dict[str, str]:
+            return {
+                "model": args["model_name"],
+                "primary": str(primary),
+                "candidate": f"{candidate_model}/{candidate_version}",
+                "model_instance": args["model_instance_name"],
+            }
+
         self.shadow: _Shadow | None = None
         if params.get("shadow"):
             from braintumor_serving.shadow import ShadowSpec
 
             spec = ShadowSpec.from_json(params["shadow"])
             if int(args["model_version"]) == spec.primary:
-                labels = {
-                    "model": args["model_name"],
-                    "primary": str(spec.primary),
-                    "candidate": f"{spec.candidate_model}/{spec.candidate_version}",
-                    "model_instance": args["model_instance_name"],
-                }
-                warmup = sum(
-                    int(w.get("batch_size", 1)) * max(1, int(w.get("count", 1))) for w in config.get("model_warmup", [])
-                )
+                labels = rollout_labels(spec.primary, spec.candidate_model, spec.candidate_version)
                 self.shadow = _Shadow(spec, self.inputs[0], self.outputs[0], labels, warmup)
 
         self.canary: _Canary | None = None
@@ -331,15 +336,7 @@ class TritonPythonModel:
 
             canary = CanarySpec.from_json(params["canary"])
             if int(args["model_version"]) == canary.router:
-                labels = {
-                    "model": args["model_name"],
-                    "primary": str(canary.primary),
-                    "candidate": f"{canary.candidate_model}/{canary.candidate_version}",
-                    "model_instance": args["model_instance_name"],
-                }
-                warmup = sum(
-                    int(w.get("batch_size", 1)) * max(1, int(w.get("count", 1))) for w in config.get("model_warmup", [])
-                )
+                labels = rollout_labels(canary.primary, canary.candidate_model, canary.candidate_version)
                 self.canary = _Canary(canary, self.inputs, labels, warmup)
                 self.version = canary.primary
 

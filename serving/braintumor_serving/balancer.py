@@ -309,13 +309,9 @@ class Balancer:
 
     def workers(self) -> list[int]:
         """The pids of the master's worker processes (old ones still finishing requests included)."""
-        if self.process is None:
-            return []
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        try:
-            return [int(p) for p in children.read_text().split()]
-        except OSError:
-            return []
+        from braintumor_serving.triton import child_pids
+
+        return [] if self.process is None else child_pids(self.process.pid)
 
     def reload(self, config: BalancerConfig, timeout: float = 60.0) -> float:
         """Apply ``config`` gracefully and wait until it alone is in force.

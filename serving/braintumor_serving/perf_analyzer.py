@@ -288,9 +288,10 @@ def process_tree_cpu_s(pid: int) -> float:
     Args:
         pid: the process (here ``tritonserver``; its children are the python backend's stubs).
     """
+    from braintumor_serving.triton import child_pids
+
     total_ticks = 0
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    for one in [pid, *(int(c) for c in (children.read_text().split() if children.exists() else []))]:
+    for one in [pid, *child_pids(pid)]:
         try:
             fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # a stub that exited meanwhile

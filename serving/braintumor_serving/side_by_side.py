@@ -171,7 +171,9 @@ def server_rss_mb(pid: int) -> dict[str, float]:
     Args:
         pid: the ``tritonserver`` process.
     """
-    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    from braintumor_serving.triton import child_pids
+
+    children = child_pids(pid)
     server, stubs = _memory_kb(pid), [_memory_kb(c) for c in children]
     rss = [server.get("Rss", 0), *(s.get("Rss", 0) for s in stubs)]
     pss = [server.get("Pss", server.get("Rss", 0)), *(s.get("Pss", s.get("Rss", 0)) for s in stubs)]

@@ -183,6 +183,19 @@ def check_port_free(host: str, port: int, what: str) -> None:
             ) from err
 
 
+def child_pids(pid: int) -> list[int]:
+    """The living children of a process (Linux ``/proc``; empty when it is gone): ``tritonserver``'s are the
+    python backend's stubs, nginx's master's its workers.
+
+    Args:
+        pid: the parent process.
+    """
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct TCP ports that are free on ``host`` right now (for servers started on spare ports)."""
     sockets = [socket.socket() for _ in range(n)]

@@ -200,11 +200,6 @@ def channel_args(balanced: bool = True, tls_name: str | None = None) -> list[tup
     return args
 
 
-def balanced_channel_args() -> list[tuple[str, Any]]:
-    """tritonclient's own channel arguments (message sizes, keepalive) plus round-robin balancing."""
-    return channel_args(balanced=True)
-
-
 @dataclass(frozen=True)
 class ServedModel:
     """What the SDK learned about the served model on connect.

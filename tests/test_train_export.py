@@ -140,6 +140,34 @@ def test_a_second_phase_starts_from_an_earlier_runs_weights(run_dir, data, tmp_p
     np.testing.assert_allclose(after, before, atol=1e-4)  # a learning rate of 1e-9 leaves the start unchanged
 
 
+def test_source_balance_and_jpeg_draft_reach_the_loss_and_the_published_preprocessing(data, external, tmp_path):
+    from braintumor_training.train import run_preprocessing
+
+    out = tmp_path / "balanced"
+    command = ["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--image-size", str(SIZE)]
+    flags = ["--external", str(external), "--balance", "source", "--jpeg-draft"]
+    assert main([*command, *PREPROCESSING_FLAGS, *flags]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["balance"] == "source" and run_preprocessing(config).jpeg_draft
+    weights = json.loads((out / "run.json").read_text())["sessions"][0]["class_weight"]
+    # each (dataset, kind) pair is its own kind of target: the external normals are no longer the folder's
+    assert set(weights) == {
+        "glioma",
+        "meningioma",
+        "notumor",
+        "pituitary",
+        "external:glioma",
+        "external:meningioma",
+        "external:notumor",
+        "external:tumor",
+    }
+    parts = json.loads((out / "external_split.json").read_text())["parts"]
+    n_normal = sum(1 for path, part in parts.items() if part == "train" and "notumor" in path)
+    n_tumor = sum(1 for path, part in parts.items() if part == "train" and "notumor" not in path and "_tumor_" in path)
+    assert n_normal and n_tumor  # the same total weight for both kinds
+    assert weights["external:notumor"] * n_normal == pytest.approx(weights["external:tumor"] * n_tumor, rel=1e-4)
+
+
 def test_finished_or_differently_configured_runs_are_not_overwritten(run_dir, data):
     config = TrainConfig(
         data_dir=str(data),

@@ -96,6 +96,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         normalize_intensity=args.normalize_intensity,
         external=str(args.external) if args.external else None,
         init_from=str(args.init_from) if args.init_from else None,
+        jpeg_draft=args.jpeg_draft,
+        balance=args.balance,
     )
     try:
         train(config, command=args.command_line)
@@ -334,6 +336,19 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--normalize-intensity",
         action="store_true",
         help="preprocessing stretches each image's intensity percentiles (undoes brightness and contrast)",
+    )
+    parser.add_argument(
+        "--jpeg-draft",
+        action="store_true",
+        help="preprocessing decodes JPEGs at a reduced size (Pillow's draft) where the output is smaller; "
+        "published with the version, so every client decodes the same pixels",
+    )
+    parser.add_argument(
+        "--balance",
+        choices=["kind", "source"],
+        default="kind",
+        help="loss weights: kind (each class, or 'any tumour', weighs the same) or source (each dataset and "
+        "kind weighs the same, so the external set's few normal slices count as much as its tumours)",
     )
     parser.add_argument(
         "--collapse-grace-epochs", type=int, default=5, help="epochs before a constant-output model stops the run"

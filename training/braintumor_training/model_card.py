@@ -44,7 +44,10 @@ EXTERNAL_SOURCES = (
 
 def describe_preprocessing(preprocessing: Preprocessing) -> str:
     """One phrase saying what a version's preprocessing does (for its model card)."""
-    steps = ["decode, convert to 8-bit grey"]
+    steps = [
+        "decode (JPEG at a reduced DCT scale, Pillow's draft)" if preprocessing.jpeg_draft else "decode",
+        "convert to 8-bit grey",
+    ]
     if preprocessing.crop_to_head:
         steps.append("crop to the head (borders, off-centre framing and pixel aspect undone)")
     if preprocessing.normalize_intensity:

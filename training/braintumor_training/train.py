@@ -67,6 +67,11 @@ class TrainConfig:
             run starts from: a second training phase with a new warm-up and cosine cycle.
         external: optional manifest dataset (``manifest.csv``, see :mod:`braintumor_training.external`) whose
             training part joins the training images and whose validation part joins validation.
+        jpeg_draft: preprocessing decodes JPEGs at a reduced DCT scale (Pillow's ``draft``); published with the
+            version, so that training, evaluation and every client decode the same pixels.
+        balance: how the loss weights images: ``kind`` gives each kind of target (a class, or "any tumour")
+            the same total weight; ``source`` gives each (dataset, kind) pair the same total weight, so that
+            a dataset's few normal slices are not outweighed by another dataset's many.
     """
 
     data_dir: str
@@ -90,11 +95,13 @@ class TrainConfig:
     normalize_intensity: bool = False
     external: str | None = None
     init_from: str | None = None
+    jpeg_draft: bool = False
+    balance: str = "kind"
 
     @property
     def preprocessing(self) -> Preprocessing:
         """The shared preprocessing with this run's parameters (published with the model version)."""
-        return Preprocessing(self.image_size, self.crop_to_head, self.normalize_intensity)
+        return Preprocessing(self.image_size, self.crop_to_head, self.normalize_intensity, jpeg_draft=self.jpeg_draft)
 
 
 def run_preprocessing(config: dict[str, Any]) -> Preprocessing:
@@ -103,6 +110,7 @@ def run_preprocessing(config: dict[str, Any]) -> Preprocessing:
         int(config["image_size"]),
         bool(config.get("crop_to_head", False)),
         bool(config.get("normalize_intensity", False)),
+        jpeg_draft=bool(config.get("jpeg_draft", False)),
     )
 
 
@@ -346,11 +354,15 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
         x_val = np.concatenate([x_val, extra[1]])
         m_train = np.concatenate([m_train, np.stack([target_mask(r.finding) for r in ext_train])])
         m_val = np.concatenate([m_val, np.stack([target_mask(r.finding) for r in ext_val])])
-        kinds = np.concatenate([kinds, [r.finding if r.label_index is not None else "tumor" for r in ext_train]])
+        external_kinds = [r.finding if r.label_index is not None else "tumor" for r in ext_train]
+        if config.balance == "source":
+            external_kinds = [f"external:{k}" for k in external_kinds]
+        kinds = np.concatenate([kinds, external_kinds])
     print(f"Training on {len(m_train)} images, validating on {len(m_val)}", flush=True)
 
     sample_weight = balanced_weights(kinds)
     class_weight = {str(k): float(w) for k, w in sorted(zip(kinds, sample_weight, strict=True))}
+    print(f"  loss weight per image ({config.balance}): " + ", ".join(f"{k} {w:.2f}" for k, w in class_weight.items()))
 
     steps_per_epoch = math.ceil(len(m_train) / config.batch_size)
     warmup = config.warmup_epochs * steps_per_epoch

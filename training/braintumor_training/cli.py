@@ -345,7 +345,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--balance",
-        choices=["kind", "source"],
+        choices=["kind", "source"],  # braintumor_training.train.BALANCES (not imported: it needs TensorFlow)
         default="kind",
         help="loss weights: kind (each class, or 'any tumour', weighs the same) or source (each dataset and "
         "kind weighs the same, so the external set's few normal slices count as much as its tumours)",

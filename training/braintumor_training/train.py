@@ -39,6 +39,10 @@ class TrainingError(RuntimeError):
     """Training cannot start or went wrong in a way the user must act on."""
 
 
+#: How the loss weights images (:attr:`TrainConfig.balance`).
+BALANCES = ("kind", "source")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved as ``config.json`` in the run folder).
@@ -298,6 +302,8 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
         command: the command line to record in the run (defaults to ``sys.argv``).
     """
     out_dir = Path(config.out_dir)
+    if config.balance not in BALANCES:
+        raise TrainingError(f"balance must be one of {', '.join(BALANCES)}, not {config.balance!r}")
     _check_config(out_dir, config)
     if (out_dir / LAST_CHECKPOINT).exists() and not (out_dir / "backup").exists():
         raise TrainingError(f"{out_dir} holds a finished run; evaluate it, or train into a new --out folder")

@@ -49,11 +49,20 @@ def test_bench_runs_end_to_end_and_produces_every_row(triton, tmp_path):
     served = [str(v) for v in ready_models(triton.local_http_url, triton.config.admin_key)[MODEL_NAME]]
     pixels = np.random.default_rng(2).integers(0, 256, (8, 160, 160, 3), dtype=np.uint8)
     results = side_by_side.run(
-        triton, repository / MODEL_NAME, served, pixels, seconds=0.3, batch_sizes=(1, 8), preprocessing_seconds=0.3
+        triton,
+        repository / MODEL_NAME,
+        served,
+        pixels,
+        seconds=0.3,
+        batch_sizes=(1, 8),
+        preprocessing_seconds=0.3,
+        rounds=2,
     )
     rows = {(r["version"], r["precision"], r["outputs"], r["batch_size"]) for r in results["in_process"]}
     assert rows == {(v, "fp32", o, b) for v in served for o in ("all", "probabilities") for b in (1, 8)}
     assert {(t["version"], t["concurrency"]) for t in results["triton"]} == {(v, c) for v in served for c in (1, 16)}
+    for point in [*results["in_process"], *results["triton"]]:  # the fastest of two rounds is kept
+        assert len(point["rounds_images_per_s"]) == 2 and point["images_per_s"] == max(point["rounds_images_per_s"])
     for t in results["triton"]:
         assert t["images_per_s"] > 0 and t["formed_batch"] >= 1.0
         assert t["latency_ms"]["p50"] <= t["latency_ms"]["p99"]
@@ -72,7 +81,8 @@ def test_bench_runs_end_to_end_and_produces_every_row(triton, tmp_path):
     assert len(results["targets"]) == 2 * len(served) + 2
     side_by_side.write(results, tmp_path)
     table = (tmp_path / "bench.txt").read_text()
-    for needed in ("in-process", "perf_analyzer", "server memory", "FMA", "preprocessing", "target", "per server core"):
+    needed_lines = ("in-process", "perf_analyzer", "server memory", "FMA", "preprocessing", "target", "per server core")
+    for needed in (*needed_lines, "the best of 2 rounds"):
         assert needed in table
     assert json.loads((tmp_path / "bench.json").read_text())["versions"] == served
     assert (tmp_path / "bench.png").stat().st_size > 1000
@@ -89,3 +99,12 @@ def test_a_request_gets_only_the_outputs_it_asked_for(triton):
     full = client.infer(MODEL_NAME, [inp])
     assert lean.as_numpy(HEATMAP_NAME) is None and full.as_numpy(HEATMAP_NAME).shape == (2, 4, 5, 5)
     np.testing.assert_allclose(lean.as_numpy(OUTPUT_NAME), full.as_numpy(OUTPUT_NAME), atol=1e-6)
+
+
+def test_bench_refuses_fewer_than_one_round(capsys):
+    from braintumor.cli import main
+
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["bench", "--rounds", bad])
+        assert stopped.value.code == 2 and "1 or more" in capsys.readouterr().err

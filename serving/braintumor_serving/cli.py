@@ -177,7 +177,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             server.wait_until_ready(180)
             served = [str(v) for v in ready_models(server.local_http_url, config.admin_key).get(NAME, [])]
             print(f"Embedded Triton ready on {config.grpc_url} (versions {', '.join(served)}); measuring ...")
-            results = side_by_side.run(server, repository / NAME, served, pixels, seconds=args.seconds)
+            results = side_by_side.run(
+                server, repository / NAME, served, pixels, seconds=args.seconds, rounds=args.rounds
+            )
             if args.client:
                 files = sorted(p for p in (Path(args.data) / "Testing").rglob("*.jpg"))
                 if files:
@@ -189,6 +191,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     side_by_side.write(results, Path(args.out))
     print(f"Wrote {args.out}/bench.json, bench.txt and bench.png")
     return 0
+
+
+def _rounds(text: str) -> int:
+    """A number of rounds, 1 or more (an ``argparse`` type)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of rounds, 1 or more (got {text!r})")
+    return int(text)
 
 
 def _seconds(text: str) -> float:
@@ -279,6 +288,12 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="images to send (Testing split)")
     parser.add_argument(
         "--seconds", type=float, default=5.0, help="seconds per in-process point and per perf_analyzer window (3 each)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=_rounds,
+        default=2,
+        help="times each point is measured, one round after the other; the fastest round is kept",
     )
     parser.add_argument("--out", default="docs/benchmarks", help="folder for bench.json, bench.txt, bench.png")
     parser.add_argument(

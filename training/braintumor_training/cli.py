@@ -345,10 +345,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--balance",
-        choices=["kind", "source"],  # braintumor_training.train.BALANCES (not imported: it needs TensorFlow)
+        # braintumor_training.train.BALANCES (not imported here: it needs TensorFlow)
+        choices=["kind", "source", "kind-source"],
         default="kind",
         help="loss weights: kind (each class, or 'any tumour', weighs the same) or source (each dataset and "
-        "kind weighs the same, so the external set's few normal slices count as much as its tumours)",
+        "kind weighs the same, so the external set's few normal slices count as much as its tumours) or "
+        "kind-source (each kind weighs as under kind, split equally between the datasets that have it)",
     )
     parser.add_argument(
         "--collapse-grace-epochs", type=int, default=5, help="epochs before a constant-output model stops the run"

@@ -40,7 +40,7 @@ class TrainingError(RuntimeError):
 
 
 #: How the loss weights images (:attr:`TrainConfig.balance`).
-BALANCES = ("kind", "source")
+BALANCES = ("kind", "source", "kind-source")
 
 
 @dataclass
@@ -75,7 +75,9 @@ class TrainConfig:
             version, so that training, evaluation and every client decode the same pixels.
         balance: how the loss weights images: ``kind`` gives each kind of target (a class, or "any tumour")
             the same total weight; ``source`` gives each (dataset, kind) pair the same total weight, so that
-            a dataset's few normal slices are not outweighed by another dataset's many.
+            a dataset's few normal slices are not outweighed by another dataset's many; ``kind-source`` keeps
+            each kind's total weight as ``kind`` does and splits it equally between the datasets that have it
+            (the share of normal slices in the loss, and so the prior, stays as under ``kind``).
     """
 
     data_dir: str
@@ -240,11 +242,23 @@ def make_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def balanced_weights(kinds: np.ndarray) -> np.ndarray:
-    """Per-image weights that give each kind of target (a class, or "any tumour") the same total weight."""
+def balanced_weights(kinds: np.ndarray, sources: np.ndarray | None = None) -> np.ndarray:
+    """Per-image weights that give each kind of target (a class, or "any tumour") the same total weight.
+
+    Args:
+        kinds: the kind of target of each image.
+        sources: optional dataset of each image: each kind's weight is then split equally between the
+            datasets that have images of it.
+    """
     values, inverse, counts = np.unique(kinds, return_inverse=True, return_counts=True)
     per_kind = len(kinds) / (len(values) * counts)
-    return per_kind[inverse].astype(np.float32)
+    weights = per_kind[inverse].astype(np.float64)
+    if sources is not None:
+        for k in range(len(values)):
+            members = inverse == k
+            names, where, per_source = np.unique(sources[members], return_inverse=True, return_counts=True)
+            weights[members] = counts[k] * per_kind[k] / (len(names) * per_source[where])
+    return weights.astype(np.float32)
 
 
 def run_external_split(
@@ -337,6 +351,7 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     x_val, y_val = load_arrays(Path(config.data_dir), val_records, preprocessing=config.preprocessing)
     m_train, m_val = np.eye(len(LABELS), dtype=np.float32)[y_train], np.eye(len(LABELS), dtype=np.float32)[y_val]
     kinds = np.array([LABELS[k] for k in y_train], dtype=object)
+    n_external = 0
 
     if external:
         training_images = [Path(config.data_dir) / p for p in report.split["train"] + report.split["val"]]
@@ -364,10 +379,13 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
         if config.balance == "source":
             external_kinds = [f"external:{k}" for k in external_kinds]
         kinds = np.concatenate([kinds, external_kinds])
+        n_external = len(external_kinds)
     print(f"Training on {len(m_train)} images, validating on {len(m_val)}", flush=True)
 
-    sample_weight = balanced_weights(kinds)
-    class_weight = {str(k): float(w) for k, w in sorted(zip(kinds, sample_weight, strict=True))}
+    sources = np.array(["brain-tumor-mri"] * (len(kinds) - n_external) + ["external"] * n_external, dtype=object)
+    sample_weight = balanced_weights(kinds, sources if config.balance == "kind-source" else None)
+    labels = [f"{s}:{k}" for s, k in zip(sources, kinds, strict=True)] if config.balance == "kind-source" else kinds
+    class_weight = {str(k): float(w) for k, w in sorted(zip(labels, sample_weight, strict=True))}
     print(f"  loss weight per image ({config.balance}): " + ", ".join(f"{k} {w:.2f}" for k, w in class_weight.items()))
 
     steps_per_epoch = math.ceil(len(m_train) / config.batch_size)

@@ -22,7 +22,22 @@ from braintumor_training.external import (
     split_groups,
     target_mask,
 )
-from braintumor_training.train import SetCrossEntropy, set_accuracy
+from braintumor_training.train import SetCrossEntropy, balanced_weights, set_accuracy
+
+
+def test_balanced_weights_per_kind_and_split_between_the_datasets_of_a_kind():
+    kinds = np.array(["notumor"] * 12 + ["tumor"] * 4 + ["glioma"] * 5, dtype=object)
+    sources = np.array(["kaggle"] * 10 + ["external"] * 6 + ["kaggle"] * 3 + ["external"] * 2, dtype=object)
+    plain, split = balanced_weights(kinds), balanced_weights(kinds, sources)
+    for weights in (plain, split):  # every kind weighs the same, and the weights sum to the number of images
+        assert weights.sum() == pytest.approx(len(kinds))
+        for kind in ("notumor", "tumor", "glioma"):
+            assert weights[kinds == kind].sum() == pytest.approx(len(kinds) / 3)
+    # split: within a kind each dataset gets half, however few images it has there
+    for kind in ("notumor", "glioma"):
+        for source in ("kaggle", "external"):
+            assert split[(kinds == kind) & (sources == source)].sum() == pytest.approx(len(kinds) / 6)
+    assert split[(kinds == "notumor") & (sources == "external")][0] == pytest.approx(3 * plain[0])  # 2 of 12 get half
 
 
 @pytest.fixture(scope="module")

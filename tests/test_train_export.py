@@ -143,7 +143,7 @@ def test_a_second_phase_starts_from_an_earlier_runs_weights(run_dir, data, tmp_p
 def test_source_balance_and_jpeg_draft_reach_the_loss_and_the_published_preprocessing(data, external, tmp_path):
     from braintumor_training.train import run_preprocessing
 
-    with pytest.raises(TrainingError, match="balance must be one of kind, source, not 'sources'"):
+    with pytest.raises(TrainingError, match="balance must be one of kind, source, kind-source, not 'sources'"):
         train(TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "bad"), balance="sources"))
     assert not (tmp_path / "bad").exists()
     out = tmp_path / "balanced"

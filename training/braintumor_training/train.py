@@ -351,7 +351,7 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     x_val, y_val = load_arrays(Path(config.data_dir), val_records, preprocessing=config.preprocessing)
     m_train, m_val = np.eye(len(LABELS), dtype=np.float32)[y_train], np.eye(len(LABELS), dtype=np.float32)[y_val]
     kinds = np.array([LABELS[k] for k in y_train], dtype=object)
-    n_external = 0
+    n_folder = len(kinds)  # the folder dataset's training images come first, the manifest dataset's after
 
     if external:
         training_images = [Path(config.data_dir) / p for p in report.split["train"] + report.split["val"]]
@@ -375,14 +375,12 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
         x_val = np.concatenate([x_val, extra[1]])
         m_train = np.concatenate([m_train, np.stack([target_mask(r.finding) for r in ext_train])])
         m_val = np.concatenate([m_val, np.stack([target_mask(r.finding) for r in ext_val])])
-        external_kinds = [r.finding if r.label_index is not None else "tumor" for r in ext_train]
-        if config.balance == "source":
-            external_kinds = [f"external:{k}" for k in external_kinds]
-        kinds = np.concatenate([kinds, external_kinds])
-        n_external = len(external_kinds)
+        kinds = np.concatenate([kinds, [r.finding if r.label_index is not None else "tumor" for r in ext_train]])
     print(f"Training on {len(m_train)} images, validating on {len(m_val)}", flush=True)
 
-    sources = np.array(["brain-tumor-mri"] * (len(kinds) - n_external) + ["external"] * n_external, dtype=object)
+    sources = np.array(["brain-tumor-mri"] * n_folder + ["external"] * (len(kinds) - n_folder), dtype=object)
+    if config.balance == "source":  # each (dataset, kind) pair is a kind of its own
+        kinds[n_folder:] = [f"external:{k}" for k in kinds[n_folder:]]
     sample_weight = balanced_weights(kinds, sources if config.balance == "kind-source" else None)
     labels = [f"{s}:{k}" for s, k in zip(sources, kinds, strict=True)] if config.balance == "kind-source" else kinds
     class_weight = {str(k): float(w) for k, w in sorted(zip(labels, sample_weight, strict=True))}

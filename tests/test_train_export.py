@@ -140,6 +140,31 @@ def test_a_second_phase_starts_from_an_earlier_runs_weights(run_dir, data, tmp_p
     np.testing.assert_allclose(after, before, atol=1e-4)  # a learning rate of 1e-9 leaves the start unchanged
 
 
+def test_ema_validates_and_keeps_the_averaged_weights(run_dir, data, tmp_path):
+    import keras
+
+    with pytest.raises(TrainingError, match="ema must be a momentum between 0 and 1"):
+        train(TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "bad"), ema=1.5))
+    assert not (tmp_path / "bad").exists()
+    start = run_dir / "best.keras"
+    before = keras.models.load_model(start, compile=False).get_layer("logits").get_weights()[0]
+    moved = {}
+    for name, extra in (("raw", []), ("ema", ["--ema", "0.999"])):
+        out = tmp_path / name
+        command = ["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--image-size", str(SIZE)]
+        args = ["--learning-rate", "1e-2", "--warmup-epochs", "0", "--batch-size", "4", "--init-from", str(start)]
+        args += extra
+        assert main([*command, *PREPROCESSING_FLAGS, *args]) == 0
+        for checkpoint in ("best.keras", "last.keras"):
+            after = keras.models.load_model(out / checkpoint, compile=False).get_layer("logits").get_weights()[0]
+            moved[name, checkpoint] = float(np.abs(after - before).max())
+    assert json.loads((tmp_path / "ema" / "config.json").read_text())["ema"] == 0.999
+    # ~15 steps at a high learning rate move the raw weights; their average over ~1,000 steps stays near the
+    # first step's weights (Keras starts the average there)
+    assert moved["raw", "last.keras"] > 4 * moved["ema", "last.keras"], moved
+    assert moved["raw", "best.keras"] > 4 * moved["ema", "best.keras"], moved
+
+
 def test_source_balance_and_jpeg_draft_reach_the_loss_and_the_published_preprocessing(data, external, tmp_path):
     from braintumor_training.train import run_preprocessing
 

@@ -98,6 +98,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         init_from=str(args.init_from) if args.init_from else None,
         jpeg_draft=args.jpeg_draft,
         balance=args.balance,
+        ema=args.ema,
     )
     try:
         train(config, command=args.command_line)
@@ -351,6 +352,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="loss weights: kind (each class, or 'any tumour', weighs the same) or source (each dataset and "
         "kind weighs the same, so the external set's few normal slices count as much as its tumours) or "
         "kind-source (each kind weighs as under kind, split equally between the datasets that have it)",
+    )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="MOMENTUM",
+        help="validate and keep an exponential moving average of the weights (e.g. 0.998: about 500 steps) "
+        "instead of the last step's, so the checkpoint chosen on validation is less noisy",
     )
     parser.add_argument(
         "--collapse-grace-epochs", type=int, default=5, help="epochs before a constant-output model stops the run"

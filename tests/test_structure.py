@@ -86,7 +86,7 @@ def test_the_public_api_is_exported():
 def test_each_package_defines_its_commands_in_the_order_of_the_help():
     owners = {command.name: command.module.split(".")[0] for command in COMMANDS}
     assert owners == {
-        **dict.fromkeys(("audit", "train", "evaluate", "export", "robustness"), "braintumor_training"),
+        **dict.fromkeys(("audit", "train", "soup", "evaluate", "export", "robustness"), "braintumor_training"),
         **dict.fromkeys(("serve", "bench"), "braintumor_serving"),
         **dict.fromkeys(("predict", "app", "pacs"), "braintumor"),
     }

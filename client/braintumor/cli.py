@@ -54,6 +54,12 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command("train", "audit, split and train MobileNetV3Small into a run folder", _TRAINING, "train"),
     Command(
+        "soup",
+        "average the weights of runs fine-tuned from the same weights into one run (a model soup)",
+        _TRAINING,
+        "train",
+    ),
+    Command(
         "evaluate",
         "evaluate a run (or, with --version, a published version) on its test sets, by subgroup",
         _TRAINING,

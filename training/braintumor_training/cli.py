@@ -1,4 +1,4 @@
-"""The training package's commands: ``braintumor audit``, ``train``, ``evaluate``, ``export`` and ``robustness``.
+"""The training package's commands: ``braintumor audit``, ``train``, ``soup``, ``evaluate``, ``export``, ``robustness``.
 
 The ``braintumor`` entry point (:mod:`braintumor.cli`) finds this module when a training command is asked for,
 and calls :func:`define` to add that command's arguments. This module imports only the standard library and
@@ -224,6 +224,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_soup(args: argparse.Namespace) -> int:
+    _require_training()
+    from braintumor_training.dataset import DatasetError
+    from braintumor_training.soup import SoupError, make_soup
+
+    try:
+        make_soup([Path(r) for r in args.runs], Path(args.out), batches=args.batches, command=args.command_line)
+    except (SoupError, DatasetError) as err:
+        print(f"braintumor soup: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_robustness(args: argparse.Namespace) -> int:
     _require_training(tensorflow=False)
     import json
@@ -437,10 +450,25 @@ def _robustness_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=_cmd_robustness)
 
 
+def _soup_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "runs", nargs="+", help="run folders fine-tuned from the same weights, on the same data and preprocessing"
+    )
+    parser.add_argument("--out", required=True, help="the soup's run folder (new); evaluate and export it as a run")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=200,
+        help="augmented training batches of 32 the BatchNorm statistics are recomputed on (default 200)",
+    )
+    parser.set_defaults(func=_cmd_soup)
+
+
 #: Each command's arguments (and the function that runs it), by name.
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "audit": _audit_arguments,
     "train": _train_arguments,
+    "soup": _soup_arguments,
     "evaluate": _evaluate_arguments,
     "export": _export_arguments,
     "robustness": _robustness_arguments,

@@ -272,6 +272,7 @@ def render_model_card(
     ]
     epochs = sum(x.get("epochs_run", 0) for x in sessions)
     earlier = earlier_phases(config)
+    soup = run.get("soup") or {}  # braintumor soup: the runs whose weights were averaged
     return "\n".join(
         [
             f"# Model card: {model_name}, version {version}",
@@ -324,6 +325,7 @@ def render_model_card(
             "",
             "```",
             *[phase["command"] for phase in earlier],
+            *[ingredient["command"] for ingredient in soup.get("ingredients", [])],
             run.get("sessions", [{}])[0].get("command", "braintumor train ..."),
             f"braintumor evaluate {metrics['run_dir']}"
             + (" --tta flip" if metrics.get("tta") == "flip" else "")
@@ -339,6 +341,18 @@ def render_model_card(
                 "Each later phase started from the previous one's best checkpoint with a new warm-up and cosine "
                 f"cycle. This last phase (phase {len(earlier) + 1}): "
                 if earlier
+                else ""
+            )
+            + (
+                f"{'a' if earlier else 'A'} model soup, the mean of the weights of {len(soup['ingredients'])} "
+                "runs, each from the same start ("
+                + "; ".join(
+                    f"`{i['run']}`, {i['epochs']} epochs in {i['seconds'] / 60:.0f} minutes"
+                    for i in soup["ingredients"]
+                )
+                + "), with the BatchNorm statistics recomputed on "
+                f"{soup['batchnorm_batches']} augmented training batches of {soup['batch_size']}; together "
+                if soup
                 else ""
             )
             + f"{epochs} epochs, {seconds / 60:.0f} minutes of training on {versions.get('cpus', '?')} CPU cores"

@@ -194,7 +194,8 @@ class CollapseGuard(keras.callbacks.Callback):
             )
 
 
-def _select(records: list[ImageRecord], paths: list[str], limit: int | None, seed: int) -> list[ImageRecord]:
+def select_records(records: list[ImageRecord], paths: list[str], limit: int | None, seed: int) -> list[ImageRecord]:
+    """The records of ``paths``, in that order; with ``limit``, at most that many per class (seeded)."""
     by_path = {r.path: r for r in records}
     chosen = [by_path[p] for p in paths]
     if limit is None:
@@ -351,9 +352,9 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     from braintumor_training.dataset import scan_dataset
 
     records = scan_dataset(Path(config.data_dir))
-    train_records = _select(records, report.split["train"], config.limit_per_class, config.seed)
+    train_records = select_records(records, report.split["train"], config.limit_per_class, config.seed)
     val_limit = None if config.limit_per_class is None else max(2, config.limit_per_class // 4)
-    val_records = _select(records, report.split["val"], val_limit, config.seed)
+    val_records = select_records(records, report.split["val"], val_limit, config.seed)
     x_train, y_train = load_arrays(Path(config.data_dir), train_records, preprocessing=config.preprocessing)
     x_val, y_val = load_arrays(Path(config.data_dir), val_records, preprocessing=config.preprocessing)
     m_train, m_val = np.eye(len(LABELS), dtype=np.float32)[y_train], np.eye(len(LABELS), dtype=np.float32)[y_val]

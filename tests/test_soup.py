@@ -25,26 +25,28 @@ def test_batchnorm_statistics_become_the_mean_of_the_batches():
     layer = keras.layers.BatchNormalization(momentum=BN_MOMENTUM)
     model = keras.Sequential([keras.Input((3,)), layer])
     rng = np.random.default_rng(0)
-    batches = [rng.normal(k, 1 + k, (8, 3)).astype(np.float32) for k in range(3)]
-    dataset = tf.data.Dataset.from_tensor_slices((np.concatenate(batches), np.zeros(24))).batch(8)
-    assert recompute_batchnorm(model, dataset, count=10) == 3
-    np.testing.assert_allclose(layer.moving_mean.numpy(), np.mean([b.mean(axis=0) for b in batches], axis=0), rtol=1e-5)
-    np.testing.assert_allclose(
-        layer.moving_variance.numpy(), np.mean([b.var(axis=0) for b in batches], axis=0), rtol=1e-4
-    )
+    batches = [rng.normal(k, 1 + k, (8 if k < 3 else 4, 3)).astype(np.float32) for k in range(4)]
+    dataset = tf.data.Dataset.from_tensor_slices((np.concatenate(batches), np.zeros(28))).batch(8)
+    assert recompute_batchnorm(model, dataset, count=10) == 4
+    # the mean over images: each batch weighs as many images as it has (the last one is short)
+    sizes = [len(b) for b in batches]
+    np.testing.assert_allclose(layer.moving_mean.numpy(), np.concatenate(batches).mean(axis=0), rtol=1e-5)
+    variances = np.average([b.var(axis=0) for b in batches], axis=0, weights=sizes)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), variances, rtol=1e-4)
     assert layer.momentum == BN_MOMENTUM
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two tiny runs on the same data, split and preprocessing: the second a phase from the first."""
+    """A tiny run, and two phases from it on the same data, split and preprocessing (the soup's ingredients)."""
     data = make_dataset(tmp_path_factory.mktemp("syn"), {"Training": 16, "Testing": 4}, seed=5)
     external = make_manifest_dataset(tmp_path_factory.mktemp("external"), per_stratum=4, seed=6)
     root = tmp_path_factory.mktemp("runs")
-    base = ["train", "--data", str(data), "--external", str(external), "--epochs", "1", *FLAGS]
-    assert main([*base, "--out", str(root / "a")]) == 0
-    start = ["--init-from", str(root / "a" / "best.keras"), "--learning-rate", "1e-2", "--warmup-epochs", "0"]
-    assert main([*base, "--out", str(root / "b"), *start]) == 0
+    command = ["train", "--data", str(data), "--external", str(external), "--epochs", "1", *FLAGS]
+    assert main([*command, "--out", str(root / "start")]) == 0
+    start = ["--init-from", str(root / "start" / "best.keras"), "--warmup-epochs", "0"]
+    assert main([*command, "--out", str(root / "a"), *start, "--learning-rate", "1e-2"]) == 0
+    assert main([*command, "--out", str(root / "b"), *start, "--learning-rate", "3e-3", "--ema", "0.9"]) == 0
     return root / "a", root / "b"
 
 
@@ -57,9 +59,19 @@ def test_a_soup_averages_the_weights_and_is_evaluated_and_published_as_a_run(run
     kernels = [m.get_layer("logits").get_weights()[0] for m in models]
     assert np.abs(kernels[0] - kernels[1]).max() > 1e-3  # two different runs
     np.testing.assert_allclose(kernels[2], (kernels[0] + kernels[1]) / 2, atol=1e-6)
+    # the backbone's BatchNorm statistics (nested in MobileNetV3Small) were recomputed, not averaged
+    stats = [
+        next(
+            layer for layer in m._flatten_layers(recursive=True) if isinstance(layer, keras.layers.BatchNormalization)
+        ).moving_mean.numpy()
+        for m in models
+    ]
+    assert np.abs(stats[2] - (stats[0] + stats[1]) / 2).max() > 0.1 * np.abs(stats[2]).max()
     soup = json.loads((out / SOUP_FILE).read_text())
     assert [i["run"] for i in soup["ingredients"]] == [str(a), str(b)] and soup["batchnorm_batches"] == 3
-    assert json.loads((out / "config.json").read_text())["soup_of"] == [str(a), str(b)]
+    assert soup["differences"] == {"ema": [None, 0.9], "learning_rate": [0.01, 0.003]}
+    config = json.loads((out / "config.json").read_text())
+    assert config["soup_of"] == [str(a), str(b)] and config["out_dir"] == str(out)
     assert "Recomputed the BatchNorm statistics on 3 augmented batches" in capsys.readouterr().out
 
     assert main(["evaluate", str(out)]) == 0
@@ -67,8 +79,9 @@ def test_a_soup_averages_the_weights_and_is_evaluated_and_published_as_a_run(run
     gates = ["--min-accuracy", "0", "--min-leak-free-accuracy", "0", "--min-tumor-sensitivity", "0"]
     assert main(["export", str(out), "--repository", str(repo), "--tfserving-base", str(tmp_path / "tfs"), *gates]) == 0
     card = (repo / "braintumor" / "1" / "model-card.md").read_text()
-    assert "A model soup, the mean of the weights of 2 runs" in card
-    # how it was made: the first run, the phase from it, and the soup command, in order
+    soup_text = "This last phase (phase 2): a model soup, the mean of the weights of 2 runs, each from the same start"
+    assert soup_text in card
+    # how it was made: the start, the two phases from it, and the soup command, in order
     made = card.split("## How it was made")[1]
     assert made.index(f"--out {a}") < made.index(f"--out {b}") < made.index("braintumor soup")
 
@@ -76,8 +89,11 @@ def test_a_soup_averages_the_weights_and_is_evaluated_and_published_as_a_run(run
 @pytest.mark.slow
 def test_runs_that_cannot_be_averaged_are_refused_and_nothing_is_written(runs, tmp_path, capsys):
     a, b = runs
-    with pytest.raises(SoupError, match="at least two different runs"):
-        check_ingredients([a, a])
+    for named in ([a], [a, a], [a, b, a]):
+        with pytest.raises(SoupError, match="at least two different runs, each named once"):
+            check_ingredients(named)
+    with pytest.raises(SoupError, match=r"in init_from \(None against"):  # not from the same start
+        check_ingredients([a, a.parent / "start"])
     other = tmp_path / "other"
     shutil.copytree(b, other)
     config = json.loads((other / "config.json").read_text())
@@ -87,9 +103,18 @@ def test_runs_that_cannot_be_averaged_are_refused_and_nothing_is_written(runs, t
     with pytest.raises(SoupError, match=r"in jpeg_draft \(True against False\)"):
         check_ingredients([a, other])
     (other / "config.json").write_text(json.dumps(config))
+    (other / "backup").mkdir()
+    with pytest.raises(SoupError, match="still training or was interrupted"):
+        check_ingredients([a, other])
+    (other / "backup").rmdir()
+    (other / "run.json").unlink()
+    assert main(["soup", str(a), str(other), "--out", str(tmp_path / "unfinished")]) == 2
+    assert "not a finished training run (run.json missing)" in capsys.readouterr().err
+    assert not (tmp_path / "unfinished").exists()
+    shutil.copy2(b / "run.json", other / "run.json")
     (other / "best.keras").unlink()
     with pytest.raises(SoupError, match=r"has no best\.keras"):
-        check_ingredients([a, other])
+        check_ingredients([a, b, other])
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")

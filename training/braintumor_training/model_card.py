@@ -365,7 +365,12 @@ def render_model_card(
             f"(TensorFlow {versions.get('tensorflow', '?')}, Keras {versions.get('keras', '?')}); batch "
             f"{config['batch_size']}, AdamW (peak learning rate {config['learning_rate']}, weight decay "
             f"{config['weight_decay']}), warm-up then cosine decay, label smoothing {config['label_smoothing']}, "
-            "balanced class weights, BatchNorm momentum 0.9, "
+            + (
+                f"validated and kept as an exponential moving average of the weights (momentum {config['ema']}), "
+                if config.get("ema") and not soup
+                else ""
+            )
+            + f"loss weights balanced by {config.get('balance', 'kind')}, BatchNorm momentum 0.9, "
             + AUGMENTATION_DESCRIPTIONS.get(
                 config.get("augmentation", "v1"), f"{config.get('augmentation')} augmentation"
             )

@@ -44,7 +44,8 @@ __all__ = ["SHARED_KEYS", "SOUP_FILE", "SoupError", "check_ingredients", "make_s
 #: The soup's own record in its run folder.
 SOUP_FILE = "soup.json"
 #: ``config.json`` keys every ingredient must share: they fix the data, its split, the published
-#: preprocessing and the augmentation the batch-normalisation statistics are recomputed under.
+#: preprocessing, the augmentation the batch-normalisation statistics are recomputed under, and the
+#: weights the runs started from (a soup averages runs from one start).
 SHARED_KEYS = (
     "data_dir",
     "external",
@@ -57,6 +58,8 @@ SHARED_KEYS = (
     "normalize_intensity",
     "jpeg_draft",
     "augmentation",
+    "init_from",
+    "weights",
 )
 #: Files copied from the first ingredient (checked equal where they define the split).
 _COPIED = ("audit.json", "audit.md", EXTERNAL_SPLIT_FILE)
@@ -80,17 +83,22 @@ def check_ingredients(runs: list[Path]) -> dict[str, Any]:
         runs: the ingredients' run folders (two or more, each with ``best.keras``).
 
     Raises:
-        SoupError: fewer than two distinct runs, a missing checkpoint, or runs that differ in data, split,
-            preprocessing or augmentation (the key and both values are named).
+        SoupError: fewer than two distinct runs, or one named twice; an unfinished run (no ``run.json`` or
+            ``best.keras``, or a ``backup/`` left); runs that differ in data, split, preprocessing,
+            augmentation or start (the key and both values are named).
     """
-    if len({r.resolve() for r in runs}) < 2:
-        raise SoupError("a soup needs at least two different runs")
+    resolved = [r.resolve() for r in runs]
+    if len(set(resolved)) != len(runs) or len(runs) < 2:
+        raise SoupError("a soup needs at least two different runs, each named once")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     configs = [_read(run / "config.json") for run in runs]
     audits = [_read(run / "audit.json") for run in runs]
     for run, config, audit in zip(runs, configs, audits, strict=True):
+        _read(run / "run.json")  # written when training ends
         if not (run / BEST_CHECKPOINT).exists():
             raise SoupError(f"{run} has no {BEST_CHECKPOINT}")
+        if (run / "backup").exists():
+            raise SoupError(f"{run} is still training or was interrupted (its backup/ is there); finish it first")
         for key in SHARED_KEYS:
             first, this = configs[0].get(key, defaults.get(key)), config.get(key, defaults.get(key))
             if this != first:
@@ -121,8 +129,9 @@ def _training_pixels(config: dict[str, Any], audit: dict[str, Any], parts: dict[
 def recompute_batchnorm(model: keras.Model, batches: tf.data.Dataset, count: int) -> int:
     """Set every BatchNormalization layer's statistics to their mean over ``count`` batches, in training mode.
 
-    The momentum of batch ``k`` is ``(k − 1)/k``, so the moving statistics become the plain mean of the
-    batches' (the first batch's replace what was there); it is set back to the training momentum after.
+    The momentum of a batch is the share of the images seen before it, so the moving statistics become the
+    mean of the batches', each weighted by its size (the first batch's replace what was there); it is set
+    back to the training momentum after.
 
     Args:
         model: the classifier (its weights are not changed, only the statistics).
@@ -137,12 +146,14 @@ def recompute_batchnorm(model: keras.Model, batches: tf.data.Dataset, count: int
         for layer in model._flatten_layers(include_self=False, recursive=True)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
-    used = 0
+    used, seen = 0, 0
     try:
-        for used, (images, *_) in enumerate(batches.take(count), start=1):
+        for images, *_ in batches.take(count):
+            n = int(images.shape[0])
             for layer in layers:
-                layer.momentum = (used - 1) / used
+                layer.momentum = seen / (seen + n)
             model(images, training=True)
+            used, seen = used + 1, seen + n
     finally:
         for layer in layers:
             layer.momentum = BN_MOMENTUM
@@ -195,7 +206,14 @@ def make_soup(
     for name in _COPIED:
         if (runs[0] / name).exists():
             shutil.copy2(runs[0] / name, out_dir / name)
-    (out_dir / "config.json").write_text(json.dumps({**config, "soup_of": [str(r) for r in runs]}, indent=1))
+    soup_config = {**config, "out_dir": str(out_dir), "soup_of": [str(r) for r in runs]}
+    (out_dir / "config.json").write_text(json.dumps(soup_config, indent=1))
+    configs = [_read(run / "config.json") for run in runs]
+    differences = {  # what the ingredients' configurations do not share (the soup's config.json is the first's)
+        key: [c.get(key) for c in configs]
+        for key in sorted(set().union(*configs) - {"out_dir"})
+        if len({json.dumps(c.get(key)) for c in configs}) > 1
+    }
     ingredients = []
     for run in runs:
         record = _read(run / "run.json")
@@ -209,7 +227,13 @@ def make_soup(
             }
         )
     elapsed = time.time() - started
-    soup = {"ingredients": ingredients, "batchnorm_batches": used, "batch_size": batch_size, "seconds": elapsed}
+    soup = {
+        "ingredients": ingredients,
+        "differences": differences,
+        "batchnorm_batches": used,
+        "batch_size": batch_size,
+        "seconds": elapsed,
+    }
     (out_dir / SOUP_FILE).write_text(json.dumps(soup, indent=1))
     session = {
         "command": command or " ".join(["braintumor", *sys.argv[1:]]),

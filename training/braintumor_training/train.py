@@ -194,6 +194,26 @@ class CollapseGuard(keras.callbacks.Callback):
             )
 
 
+class AveragedWeights(keras.callbacks.SwapEMAWeights):
+    """Keras' ``SwapEMAWeights(swap_on_epoch=True)``, also right when a run stops before its last epoch.
+
+    With an optimizer that keeps an exponential moving average of the weights (``use_ema``), it puts the
+    average into the model for validation and for the callbacks after it in the list (the checkpoints), and
+    the raw weights back for training. Keras hands the average to the model at the end of ``fit`` only when
+    the last epoch ran: after an early stop it would hand over the raw weights (which the swap left in the
+    optimizer's slot). Placed after :class:`~keras.callbacks.EarlyStopping` in the list, this callback sees
+    the stop and leaves the average in place.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(swap_on_epoch=True)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        super().on_epoch_end(epoch, logs)
+        if self.model.stop_training and epoch < self.params["epochs"] - 1:
+            self._finalize_ema_values()  # the slot takes the average, which fit then copies into the model
+
+
 def select_records(records: list[ImageRecord], paths: list[str], limit: int | None, seed: int) -> list[ImageRecord]:
     """The records of ``paths``, in that order; with ``limit``, at most that many per class (seeded)."""
     by_path = {r.path: r for r in records}
@@ -425,15 +445,15 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     callbacks = [
         keras.callbacks.BackupAndRestore(str(out_dir / "backup")),  # the raw weights and the optimizer's average
         guard,
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience),
         # with --ema: validation, the checkpoints and the last model use the averaged weights
-        *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.ema is not None else []),
+        *([AveragedWeights()] if config.ema is not None else []),
         keras.callbacks.ModelCheckpoint(
             str(out_dir / BEST_CHECKPOINT),
             monitor="val_loss",
             save_best_only=True,
             initial_value_threshold=_best_so_far(out_dir / "history.csv"),  # a resumed run keeps its best
         ),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience),
         keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(out_dir / "tensorboard"), write_graph=False),
     ]

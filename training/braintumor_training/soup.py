@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import shutil
 import sys
 import time
@@ -37,6 +36,7 @@ from braintumor_training.train import (
     make_dataset,
     run_preprocessing,
     select_records,
+    software_versions,
 )
 
 __all__ = ["SHARED_KEYS", "SOUP_FILE", "SoupError", "check_ingredients", "make_soup", "recompute_batchnorm"]
@@ -243,13 +243,7 @@ def make_soup(
         "epochs_run": sum(i["epochs"] for i in ingredients),
         "train_images": len(pixels),
         "val_images": len(audit["split"]["val"]),
-        "versions": {
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpus": __import__("os").cpu_count(),
-        },
+        "versions": software_versions(),
     }
     run_info = {"sessions": [session], "total_train_seconds": session["train_seconds_this_session"], "soup": soup}
     (out_dir / "run.json").write_text(json.dumps(run_info, indent=1))

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -212,6 +213,17 @@ class AveragedWeights(keras.callbacks.SwapEMAWeights):
         super().on_epoch_end(epoch, logs)
         if self.model.stop_training and epoch < self.params["epochs"] - 1:
             self._finalize_ema_values()  # the slot takes the average, which fit then copies into the model
+
+
+def software_versions() -> dict[str, Any]:
+    """What a run was made with, kept in its ``run.json``: TensorFlow, Keras, Python, the machine and its CPUs."""
+    return {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
 
 
 def select_records(records: list[ImageRecord], paths: list[str], limit: int | None, seed: int) -> list[ImageRecord]:
@@ -486,13 +498,7 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
         "train_images": len(m_train),
         "val_images": len(m_val),
         "class_weight": class_weight,
-        "versions": {
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpus": __import__("os").cpu_count(),
-        },
+        "versions": software_versions(),
     }
     runs = out_dir / "run.json"
     previous = json.loads(runs.read_text()) if runs.exists() else {"sessions": []}

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,6 +233,32 @@ def test_quality_gate_refuses_a_weak_model(run_dir, tmp_path, capsys):
     assert code == 2
     assert "below the quality gate" in capsys.readouterr().err
     assert not (repo / "braintumor").exists()
+
+
+def test_export_with_a_serving_rule_publishes_only_a_run_that_meets_it(run_dir, tmp_path, capsys):
+    repo, tfs = tmp_path / "model_repository", tmp_path / "tfs"
+    gates = ["--min-accuracy", "0", "--min-leak-free-accuracy", "0", "--min-tumor-sensitivity", "0"]
+    base = ["export", str(run_dir), "--repository", str(repo), "--tfserving-base", str(tfs), *gates]
+    rule = Path(__file__).parent.parent / "docs" / "serving-rule.json"
+    assert main([*base, "--rule", str(rule)]) == 2  # nothing published yet to judge against
+    assert "is not published, so the serving rule has nothing to judge the run against" in capsys.readouterr().err
+    assert main(base) == 0
+    strict = tmp_path / "strict.json"
+    strict.write_text(
+        json.dumps({"conditions": [{"name": "fewer errors", "count": {"validation.errors": 1}, "at_most_more": -1}]})
+    )
+    assert main([*base, "--rule", str(strict)]) == 2  # the same run has as many errors, not one fewer
+    err = capsys.readouterr().err
+    assert f"the serving rule {strict} is not met against version 1: fewer errors" in err and "NOT MET" in err
+    assert main([*base, "--rule", str(rule), "--against", "7"]) == 2
+    assert "version 7 of braintumor is not published" in capsys.readouterr().err
+    assert sorted(p.name for p in (repo / "braintumor").iterdir() if p.name.isdigit()) == ["1"]
+    assert main([*base, "--rule", str(rule)]) == 0  # no worse than itself
+    assert "2 x missed tumours + false alarms + Kaggle errors" in capsys.readouterr().out
+    published = json.loads((repo / "braintumor" / "2" / "metrics.json").read_text())["serving_rule"]
+    assert published["met"] and published["against"] == 1 and published["rule"] == str(rule)
+    card = (repo / "braintumor" / "2" / "model-card.md").read_text()
+    assert "## Why it is served" in card and f"serving rule `{rule}` against version 1" in card
 
 
 def test_export_publishes_verified_versions(run_dir, tmp_path):

@@ -216,6 +216,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             int8=args.int8,
             int8_tolerance=args.int8_tolerance,
             calibration_images=args.calibration_images,
+            rule=Path(args.rule) if args.rule else None,
+            against=args.against,
         )
     except ExportError as err:
         print(f"braintumor export: {err}", file=sys.stderr)
@@ -423,6 +425,20 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-leak-free-accuracy", type=float, default=0.93)
     parser.add_argument("--min-tumor-sensitivity", type=float, default=0.97)
     parser.add_argument("--served-versions", type=int, default=2, help="latest versions Triton serves side by side")
+    parser.add_argument(
+        "--rule",
+        default=None,
+        metavar="FILE",
+        help="publish only if the run meets this serving rule on validation (e.g. docs/serving-rule.json): "
+        "no worse than the served version by more than each condition's margin",
+    )
+    parser.add_argument(
+        "--against",
+        type=int,
+        default=None,
+        metavar="VERSION",
+        help="with --rule: the published version to compare with (default: the latest)",
+    )
     parser.add_argument(
         "--int8",
         action="store_true",

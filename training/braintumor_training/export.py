@@ -31,6 +31,7 @@ from braintumor.model_repository import (
     PREPROCESSING_FILE,
     SERVED_VERSIONS,
     next_version,
+    versions,
 )
 from braintumor_serving.model_config import write_model_files
 from braintumor_training.dataset import load_arrays
@@ -51,6 +52,8 @@ from braintumor_training.quantize import (
     check_settings,
     quantize_for_export,
 )
+from braintumor_training.serving_rule import RuleError, ServingRule, describe
+from braintumor_training.serving_rule import card_section as rule_card_section
 from braintumor_training.train import EXTERNAL_SPLIT_FILE, run_preprocessing
 
 #: Keys of a run's evaluation that are published in the version's ``metrics.json`` when present.
@@ -205,6 +208,44 @@ def export_saved_model(served: keras.Model, path: Path, classifier: keras.Model 
     return text
 
 
+def judge_rule(metrics: dict[str, Any], model_dir: Path, rule: Path, against: int | None) -> dict[str, Any]:
+    """Judge an evaluated run by a serving rule against a published version; prints each condition.
+
+    Args:
+        metrics: the run's ``evaluation/metrics.json``.
+        model_dir: the model's folder in the repository.
+        rule: the rule file.
+        against: the published version to compare with (default: the latest).
+
+    Raises:
+        ExportError: the rule cannot be read or applied, the version is not published, or the rule is not met.
+    """
+    published = versions(model_dir)
+    version = against if against is not None else (published[-1] if published else None)
+    if version is None or version not in published:
+        raise ExportError(
+            f"refusing to publish: version {version} of {model_dir.name} is not published, so the serving rule has "
+            "nothing to judge the run against; nothing was published"
+        )
+    try:
+        result = ServingRule.from_file(rule).judge(
+            metrics, json.loads((model_dir / str(version) / "metrics.json").read_text()), version
+        )
+    except RuleError as err:
+        raise ExportError(f"refusing to publish: {err}; nothing was published") from err
+    print(f"Serving rule {rule} against version {version}:")
+    for line in describe(result):
+        print(f"  {line}")
+    if not result["met"]:
+        unmet = [line for line, r in zip(describe(result), result["conditions"], strict=True) if not r["met"]]
+        raise ExportError(
+            f"refusing to publish: the serving rule {rule} is not met against version {version}: "
+            + "; ".join(unmet)
+            + "; nothing was published"
+        )
+    return result
+
+
 def export_run(
     run_dir: Path,
     repository: Path,
@@ -216,6 +257,8 @@ def export_run(
     int8: bool = False,
     int8_tolerance: float = DEFAULT_TOLERANCE,
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    rule: Path | None = None,
+    against: int | None = None,
 ) -> Path:
     """Publish ``run_dir`` as the next version of ``model_name``; returns the new version folder.
 
@@ -232,6 +275,11 @@ def export_run(
             every figure of every test set and subgroup stays within ``int8_tolerance`` of fp32.
         int8_tolerance: the largest allowed change of any figure (0.003 = 0.3 points).
         calibration_images: training images that calibrate the int8 ranges.
+        rule: a serving rule file (:mod:`braintumor_training.serving_rule`): the run is published only if it
+            meets it on validation against ``against``; the result is kept in the version's ``metrics.json``
+            and model card.
+        against: the published version the rule compares with (default: the latest, which Triton serves by
+            default).
 
     Raises:
         ExportError: when the run is not evaluated, misses the gate, fails verification, or (with ``int8``)
@@ -250,6 +298,7 @@ def export_run(
     failures = gate.failures(metrics)
     if failures:
         raise ExportError("refusing to publish: the model is below the quality gate: " + "; ".join(failures))
+    rule_result = judge_rule(metrics, Path(repository) / model_name, rule, against) if rule is not None else None
 
     config, audit = load_run(run_dir)
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
@@ -315,6 +364,8 @@ def export_run(
         published["export_parity"] = parity
         if int8_summary is not None:
             published["int8"] = int8_summary
+        if rule_result is not None:
+            published["serving_rule"] = rule_result
         published["audit"] = {"near_duplicate_threshold": audit["threshold"], **audit["summary"]}
         published["leak_free_test_images"] = audit["leak_free_test"]
         published["training"] = {
@@ -336,6 +387,7 @@ def export_run(
                 gate,
                 json.loads(previous.read_text()) if previous.exists() else None,
             )
+            + ("\n" + "\n".join(rule_card_section(rule_result)) if rule_result is not None else "")
             + ("\n" + "\n".join(card_section(int8_summary)) if int8_summary is not None else "")
         )
 

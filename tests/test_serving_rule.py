@@ -56,10 +56,15 @@ def test_the_committed_rule_judges_margins_and_the_weighted_total():
         rule.judge(_metrics(13, 10, 3, n_tumour=400), served, 6)
 
 
-def test_the_published_default_meets_the_rule_against_itself():
+def test_the_published_versions_are_counted_as_their_metrics_say():
     served = json.loads((DEFAULT_MODEL_REPOSITORY / MODEL_NAME / "6" / "metrics.json").read_text())
     result = ServingRule.from_file(RULE).judge(served, served, 6)
-    assert result["met"] and result["conditions"][-1]["run"] == 2 * 10 + 3 + 13
+    assert result["conditions"][-1]["run"] == 2 * 10 + 3 + 13 and len(result["sha256"]) == 64
+    assert [r["at_most_more"] for r in result["conditions"]] == [4, 1, 2, 0]
+    # version 1 was not judged on the external validation part: the rule says whose figures are missing
+    first = json.loads((DEFAULT_MODEL_REPOSITORY / MODEL_NAME / "1" / "metrics.json").read_text())
+    with pytest.raises(RuleError, match=r"version 1's metrics\.json hold no 'external_val' set"):
+        ServingRule.from_file(RULE).judge(served, first, 1)
 
 
 @pytest.mark.parametrize(
@@ -67,11 +72,22 @@ def test_the_published_default_meets_the_rule_against_itself():
     [
         ("not json", "cannot read the rule"),
         ('{"conditions": []}', "at least one condition"),
-        ('{"conditions": [{"name": "x", "at_most_more": 1}]}', "condition 1 needs a name, a count and at_most_more"),
+        ('{"conditions": [{"name": "x", "at_most_more": 1}]}', r"condition 1 needs a name, a count \(positive"),
         ('{"conditions": [{"name": "x", "count": {}, "at_most_more": 1}]}', r"condition 1 \(x\) counts nothing"),
         (
             '{"conditions": [{"name": "x", "count": {"test.missed": 1}, "at_most_more": 1}]}',
             "unknown count 'test.missed'",
+        ),
+        ("[1]", "a rule is an object with a list of conditions"),
+        ('{"conditions": [{"name": "x", "count": {"validation.errors": 1}, "at_most_more": NaN}]}', "NaN is not"),
+        ('{"conditions": [{"name": "x", "count": {"validation.errors": 1}, "at_most_more": Infinity}]}', "Infinity"),
+        ('{"conditions": [{"name": "x", "count": {"validation.errors": -1}, "at_most_more": 0}]}', "must be positive"),
+        ('{"conditions": [{"name": "x", "count": {"validation.errors": 0}, "at_most_more": 0}]}', "must be positive"),
+        ('{"conditions": [{"name": "x", "count": {"validation.errors": true}, "at_most_more": 0}]}', "not a finite"),
+        (
+            '{"conditions": [{"name": "x", "count": {"validation.errors": 2, "validation.errors": 1}, '
+            '"at_most_more": 0}]}',
+            "validation.errors given twice",
         ),
     ],
 )

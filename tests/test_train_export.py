@@ -241,7 +241,9 @@ def test_export_with_a_serving_rule_publishes_only_a_run_that_meets_it(run_dir, 
     base = ["export", str(run_dir), "--repository", str(repo), "--tfserving-base", str(tfs), *gates]
     rule = Path(__file__).parent.parent / "docs" / "serving-rule.json"
     assert main([*base, "--rule", str(rule)]) == 2  # nothing published yet to judge against
-    assert "is not published, so the serving rule has nothing to judge the run against" in capsys.readouterr().err
+    assert "no version of braintumor is published yet" in capsys.readouterr().err
+    assert main([*base, "--against", "1"]) == 2
+    assert "give --rule too" in capsys.readouterr().err
     assert main(base) == 0
     strict = tmp_path / "strict.json"
     strict.write_text(
@@ -252,13 +254,17 @@ def test_export_with_a_serving_rule_publishes_only_a_run_that_meets_it(run_dir, 
     assert f"the serving rule {strict} is not met against version 1: fewer errors" in err and "NOT MET" in err
     assert main([*base, "--rule", str(rule), "--against", "7"]) == 2
     assert "version 7 of braintumor is not published" in capsys.readouterr().err
+    assert main([*base, "--rule", str(rule), "--int8"]) == 2  # the rule judges fp32, not an int8 model
+    assert "--rule judges the fp32 model's validation figures" in capsys.readouterr().err
     assert sorted(p.name for p in (repo / "braintumor").iterdir() if p.name.isdigit()) == ["1"]
+    assert sorted(p.name for p in (tfs / "braintumor").iterdir()) == ["1"]
     assert main([*base, "--rule", str(rule)]) == 0  # no worse than itself
     assert "2 x missed tumours + false alarms + Kaggle errors" in capsys.readouterr().out
     published = json.loads((repo / "braintumor" / "2" / "metrics.json").read_text())["serving_rule"]
     assert published["met"] and published["against"] == 1 and published["rule"] == str(rule)
     card = (repo / "braintumor" / "2" / "model-card.md").read_text()
-    assert "## Why it is served" in card and f"serving rule `{rule}` against version 1" in card
+    assert f"serving rule `{rule}` against version 1" in card
+    assert card.index("## Why it is served") < card.index("## Known limitations")
 
 
 def test_export_publishes_verified_versions(run_dir, tmp_path):

@@ -199,6 +199,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     _require_training()
     from braintumor_training.export import ExportError, QualityGate, export_run
 
+    if args.against is not None and not args.rule:
+        print("braintumor export: --against names the version a --rule compares with; give --rule too", file=sys.stderr)
+        return 2
     gate = QualityGate(
         min_accuracy=args.min_accuracy,
         min_leak_free_accuracy=args.min_leak_free_accuracy,

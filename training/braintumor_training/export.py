@@ -29,6 +29,7 @@ from braintumor.config import HEATMAP_NAME, INPUT_NAME, LABELS, MODEL_NAME, OUTP
 from braintumor.model_repository import (
     MODEL_FILE,
     PREPROCESSING_FILE,
+    ROUTING_VERSION_BASE,
     SERVED_VERSIONS,
     next_version,
     versions,
@@ -220,17 +221,26 @@ def judge_rule(metrics: dict[str, Any], model_dir: Path, rule: Path, against: in
     Raises:
         ExportError: the rule cannot be read or applied, the version is not published, or the rule is not met.
     """
-    published = versions(model_dir)
-    version = against if against is not None else (published[-1] if published else None)
-    if version is None or version not in published:
+    published = [v for v in versions(model_dir) if v < ROUTING_VERSION_BASE]
+    if not published:
+        raise ExportError(
+            f"refusing to publish: no version of {model_dir.name} is published yet, so the serving rule has nothing "
+            "to judge the run against (publish the first without --rule); nothing was published"
+        )
+    version = against if against is not None else published[-1]
+    if version not in published:
         raise ExportError(
             f"refusing to publish: version {version} of {model_dir.name} is not published, so the serving rule has "
             "nothing to judge the run against; nothing was published"
         )
     try:
-        result = ServingRule.from_file(rule).judge(
-            metrics, json.loads((model_dir / str(version) / "metrics.json").read_text()), version
-        )
+        served = json.loads((model_dir / str(version) / "metrics.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ExportError(
+            f"refusing to publish: cannot read version {version}'s metrics.json ({err}); nothing was published"
+        ) from err
+    try:
+        result = ServingRule.from_file(rule).judge(metrics, served, version)
     except RuleError as err:
         raise ExportError(f"refusing to publish: {err}; nothing was published") from err
     print(f"Serving rule {rule} against version {version}:")
@@ -282,8 +292,10 @@ def export_run(
             default).
 
     Raises:
-        ExportError: when the run is not evaluated, misses the gate, fails verification, or (with ``int8``)
-            its int8 model does not hold against fp32.
+        ExportError: when the run is not evaluated, misses the gate, fails verification, (with ``int8``) its
+            int8 model does not hold against fp32, or (with ``rule``) the rule cannot be read or applied, the
+            version to judge against is not published, or the run does not meet the rule; ``rule`` and ``int8``
+            together are refused.
     """
     run_dir = Path(run_dir)
     if int8:
@@ -298,6 +310,12 @@ def export_run(
     failures = gate.failures(metrics)
     if failures:
         raise ExportError("refusing to publish: the model is below the quality gate: " + "; ".join(failures))
+    if rule is not None and int8:
+        raise ExportError(
+            "refusing to publish: --rule judges the fp32 model's validation figures and --int8 would serve another "
+            "model, which is not scored on validation; publish fp32 by the rule, then int8 where it holds; nothing "
+            "was published"
+        )
     rule_result = judge_rule(metrics, Path(repository) / model_name, rule, against) if rule is not None else None
 
     config, audit = load_run(run_dir)
@@ -375,20 +393,22 @@ def export_run(
         }
         (staging / "metrics.json").write_text(json.dumps(published, indent=1))
         previous = model_dir / str(version - 1) / "metrics.json"
+        card = render_model_card(
+            model_name,
+            version,
+            metrics,
+            run,
+            audit,
+            config,
+            parity,
+            gate,
+            json.loads(previous.read_text()) if previous.exists() else None,
+        )
+        if rule_result is not None:  # why it is served, before what it cannot do
+            head, limitations, tail = card.partition("\n## Known limitations")
+            card = head + "\n" + "\n".join(rule_card_section(rule_result)) + limitations + tail
         (staging / "model-card.md").write_text(
-            render_model_card(
-                model_name,
-                version,
-                metrics,
-                run,
-                audit,
-                config,
-                parity,
-                gate,
-                json.loads(previous.read_text()) if previous.exists() else None,
-            )
-            + ("\n" + "\n".join(rule_card_section(rule_result)) if rule_result is not None else "")
-            + ("\n" + "\n".join(card_section(int8_summary)) if int8_summary is not None else "")
+            card + ("\n" + "\n".join(card_section(int8_summary)) if int8_summary is not None else "")
         )
 
         heatmap_size = int(served.output_shape[1][2])

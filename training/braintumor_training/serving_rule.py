@@ -11,20 +11,24 @@ A rule is a JSON file, committed before the run it judges is scored (its history
        {"name": "weighted errors", "count": {"external_val.missed": 2, "validation.errors": 1}, "at_most_more": 0}
      ]}
 
-Each condition adds up counts of errors, each with a weight, for the run and for the version it is judged
-against, and is met when the run's total is at most the version's plus ``at_most_more``. The counts are read
+Each condition adds up counts of errors, each with a positive weight, for the run and for the version it is
+judged against, and is met when the run's total is at most the version's plus ``at_most_more`` (a negative
+margin asks the run to be better by that much). The counts are read
 from ``metrics.json`` (the run's evaluation, the published version's) on validation sets only:
 
 - ``SET.errors``: images whose top class is wrong (a set with a confusion matrix: ``validation``);
 - ``SET.missed``: tumours not called (``1 − p(notumor) < 0.5``), ``SET.false_alarms``: normal slices called
   tumours (a set with subgroups: ``external_val``).
 
-Both sides must count over the same number of images, or the rule refuses to judge.
+Both sides must count over the same number of images, or the rule refuses to judge (it cannot see which
+images they were: the evaluation keeps their number, not their names).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,12 +54,13 @@ class RuleError(RuntimeError):
     """The rule file is malformed, or the two sides cannot be compared."""
 
 
-def error_count(metrics: dict[str, Any], key: str) -> tuple[int, int]:
+def error_count(metrics: dict[str, Any], key: str, whose: str = "the metrics") -> tuple[int, int]:
     """How many errors of kind ``key`` (``SET.COUNT``) a ``metrics.json`` holds, and over how many images.
 
     Args:
         metrics: a run's ``evaluation/metrics.json`` or a published version's ``metrics.json``.
         key: ``SET.COUNT``, a set of :data:`VALIDATION_SETS` and a count of :data:`COUNTS`.
+        whose: whose metrics they are, for messages (e.g. "version 6's metrics.json").
 
     Raises:
         RuleError: an unknown set or count, or a set the metrics do not hold.
@@ -65,18 +70,39 @@ def error_count(metrics: dict[str, Any], key: str) -> tuple[int, int]:
         raise RuleError(f"unknown count {key!r}: use SET.COUNT with SET in {VALIDATION_SETS} and COUNT in {COUNTS}")
     figures = metrics.get(name)
     if figures is None:
-        raise RuleError(f"the metrics hold no {name!r} set to count {key!r} on")
+        raise RuleError(f"{whose} hold no {name!r} set to count {key!r} on")
     if what == "errors":
         if "confusion_matrix" not in figures:
-            raise RuleError(f"{key!r}: the {name!r} set has no confusion matrix (count missed or false_alarms)")
+            raise RuleError(f"{key!r}: the {name!r} set of {whose} has no confusion matrix")
         matrix = figures["confusion_matrix"]
         total = sum(sum(row) for row in matrix)
         return total - sum(matrix[k][k] for k in range(len(matrix))), total
     overall = next((g for g in figures.get("subgroups", []) if g.get("grouping") == "all"), None)
     if overall is None:
-        raise RuleError(f"{key!r}: the {name!r} set has no subgroups (count errors)")
+        raise RuleError(f"{key!r}: the {name!r} set of {whose} has no subgroups")
     share = overall["tumor_sensitivity" if what == "missed" else "specificity"]
     return share["n"] - share["k"], share["n"]
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"{', '.join(repeated)} given twice")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a rule may hold")
+
+
+def _number(value: Any, positive: bool = False) -> float:
+    """A finite number (not a boolean); with ``positive``, above 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number")
+    if positive and value <= 0:
+        raise ValueError(f"a weight must be positive, not {value}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -93,19 +119,25 @@ class Condition:
     count: dict[str, float]
     at_most_more: float
 
-    def totals(self, run: dict[str, Any], version: dict[str, Any]) -> tuple[float, float]:
+    def totals(self, run: dict[str, Any], version: dict[str, Any], against: int | str = "") -> tuple[float, float]:
         """The run's and the version's weighted totals.
+
+        Args:
+            run: the run's ``evaluation/metrics.json``.
+            version: the published version's ``metrics.json``.
+            against: that version's number, for messages.
 
         Raises:
             RuleError: a count is missing on either side, or the two count over different numbers of images.
         """
         sums = [0.0, 0.0]
         for key, weight in self.count.items():
-            (k_run, n_run), (k_version, n_version) = error_count(run, key), error_count(version, key)
+            k_run, n_run = error_count(run, key, "the run's evaluation")
+            k_version, n_version = error_count(version, key, f"version {against}'s metrics.json")
             if n_run != n_version:
                 raise RuleError(
-                    f"{key}: the run counts over {n_run} images and the version over {n_version}: they were not "
-                    "judged on the same validation images"
+                    f"{key}: the run counts over {n_run} images and version {against} over {n_version}: they were "
+                    "not judged on the same validation images"
                 )
             sums[0] += weight * k_run
             sums[1] += weight * k_version
@@ -120,11 +152,13 @@ class ServingRule:
         description: why the rule is what it is.
         conditions: all must be met.
         source: the file it was read from.
+        sha256: the file's digest, kept with a version it published.
     """
 
     description: str
     conditions: tuple[Condition, ...]
     source: str = ""
+    sha256: str = ""
 
     @classmethod
     def from_file(cls, path: Path) -> ServingRule:
@@ -134,16 +168,22 @@ class ServingRule:
             RuleError: the file is missing or not JSON, or a condition is malformed (named in the message).
         """
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            text = Path(path).read_text()
+            data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        except (OSError, ValueError) as err:
             raise RuleError(f"cannot read the rule {path}: {err}") from err
+        if not isinstance(data, dict) or not isinstance(data.get("conditions", []), list):
+            raise RuleError(f"{path}: a rule is an object with a list of conditions")
         conditions = []
         for k, item in enumerate(data.get("conditions") or []):
             try:
-                count = {str(key): float(w) for key, w in dict(item["count"]).items()}
-                condition = Condition(str(item["name"]), count, float(item["at_most_more"]))
+                count = {str(key): _number(w, positive=True) for key, w in dict(item["count"]).items()}
+                condition = Condition(str(item["name"]), count, _number(item["at_most_more"]))
             except (KeyError, TypeError, ValueError) as err:
-                raise RuleError(f"{path}: condition {k + 1} needs a name, a count and at_most_more ({err})") from err
+                raise RuleError(
+                    f"{path}: condition {k + 1} needs a name, a count (positive weights) and a finite at_most_more "
+                    f"({err})"
+                ) from err
             if not count:
                 raise RuleError(f"{path}: condition {k + 1} ({condition.name}) counts nothing")
             for key in count:
@@ -156,7 +196,8 @@ class ServingRule:
             conditions.append(condition)
         if not conditions:
             raise RuleError(f"{path}: a rule needs at least one condition")
-        return cls(str(data.get("description", "")), tuple(conditions), str(path))
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        return cls(str(data.get("description", "")), tuple(conditions), str(path), digest)
 
     def judge(self, run: dict[str, Any], version: dict[str, Any], against: int) -> dict[str, Any]:
         """Judge a run's metrics against a published version's; returns the record kept with the version.
@@ -171,11 +212,12 @@ class ServingRule:
         """
         results = []
         for condition in self.conditions:
-            mine, theirs = condition.totals(run, version)
+            mine, theirs = condition.totals(run, version, against)
             results.append(
                 {
                     "name": condition.name,
                     "count": condition.count,
+                    "at_most_more": condition.at_most_more,
                     "run": mine,
                     "version": theirs,
                     "limit": theirs + condition.at_most_more,
@@ -184,6 +226,7 @@ class ServingRule:
             )
         return {
             "rule": self.source,
+            "sha256": self.sha256,
             "description": self.description,
             "against": against,
             "conditions": results,
@@ -210,7 +253,10 @@ def card_section(result: dict[str, Any]) -> list[str]:
         "",
         f"| condition | this version | version {result['against']} | at most |",
         "|---|---:|---:|---:|",
-        *[f"| {r['name']} | {r['run']:g} | {r['version']:g} | {r['limit']:g} |" for r in result["conditions"]],
+        *[
+            f"| {r['name'].replace('|', '/')} | {r['run']:g} | {r['version']:g} | {r['limit']:g} |"
+            for r in result["conditions"]
+        ],
         "",
-        *([result["description"], ""] if result.get("description") else []),
+        *([f"Why the rule is what it is: {result['description']}", ""] if result.get("description") else []),
     ]

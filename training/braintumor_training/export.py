@@ -243,11 +243,12 @@ def judge_rule(metrics: dict[str, Any], model_dir: Path, rule: Path, against: in
         result = ServingRule.from_file(rule).judge(metrics, served, version)
     except RuleError as err:
         raise ExportError(f"refusing to publish: {err}; nothing was published") from err
+    lines = describe(result)
     print(f"Serving rule {rule} against version {version}:")
-    for line in describe(result):
+    for line in lines:
         print(f"  {line}")
     if not result["met"]:
-        unmet = [line for line, r in zip(describe(result), result["conditions"], strict=True) if not r["met"]]
+        unmet = [line for line, r in zip(lines, result["conditions"], strict=True) if not r["met"]]
         raise ExportError(
             f"refusing to publish: the serving rule {rule} is not met against version {version}: "
             + "; ".join(unmet)

@@ -33,6 +33,7 @@ from braintumor_training.train import (
     BEST_CHECKPOINT,
     EXTERNAL_SPLIT_FILE,
     TrainConfig,
+    external_training_records,
     make_dataset,
     run_preprocessing,
     select_records,
@@ -76,8 +77,8 @@ def _read(path: Path) -> dict[str, Any]:
         raise SoupError(f"{path.parent} is not a finished training run ({path.name} missing)") from err
 
 
-def check_ingredients(runs: list[Path]) -> dict[str, Any]:
-    """Check that the runs can be averaged; returns the first run's ``config.json``.
+def check_ingredients(runs: list[Path]) -> list[dict[str, Any]]:
+    """Check that the runs can be averaged; returns their ``config.json``, in order.
 
     Args:
         runs: the ingredients' run folders (two or more, each with ``best.keras``).
@@ -105,11 +106,12 @@ def check_ingredients(runs: list[Path]) -> dict[str, Any]:
                 raise SoupError(f"{run} differs from {runs[0]} in {key} ({this!r} against {first!r})")
         if audit["split"] != audits[0]["split"]:
             raise SoupError(f"{run} was validated on other images than {runs[0]} (audit.json split)")
-        if configs[0].get("external"):
-            parts = _read(run / EXTERNAL_SPLIT_FILE)["parts"]
-            if parts != _read(runs[0] / EXTERNAL_SPLIT_FILE)["parts"]:
+    if configs[0].get("external"):
+        first = _read(runs[0] / EXTERNAL_SPLIT_FILE)["parts"]
+        for run in runs[1:]:
+            if _read(run / EXTERNAL_SPLIT_FILE)["parts"] != first:
                 raise SoupError(f"{run} split {configs[0]['external']} otherwise than {runs[0]}")
-    return configs[0]
+    return configs
 
 
 def _training_pixels(config: dict[str, Any], audit: dict[str, Any], parts: dict[str, str] | None) -> np.ndarray:
@@ -119,9 +121,7 @@ def _training_pixels(config: dict[str, Any], audit: dict[str, Any], parts: dict[
     records = select_records(scan_dataset(Path(config["data_dir"])), audit["split"]["train"], limit, config["seed"])
     pixels = [load_arrays(Path(config["data_dir"]), records, preprocessing=preprocessing)[0]]
     if parts is not None:
-        external = [r for r in read_manifest(Path(config["external"])) if parts[r.path] == "train"]
-        if limit is not None:
-            external = external[:: max(1, len(external) // (2 * limit))]
+        external = external_training_records(read_manifest(Path(config["external"])), parts, limit)
         pixels.append(load_arrays(Path("/"), external, preprocessing=preprocessing)[0])
     return np.concatenate(pixels)
 
@@ -179,7 +179,8 @@ def make_soup(
         raise SoupError(f"batches must be at least 1, not {batches}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise SoupError(f"{out_dir} is not empty; a soup goes into a new folder")
-    config = check_ingredients(runs)
+    configs = check_ingredients(runs)
+    config = configs[0]
     started = time.time()
     print(f"Averaging the weights of {', '.join(str(r / BEST_CHECKPOINT) for r in runs)} ...", flush=True)
     weights = [keras.models.load_model(run / BEST_CHECKPOINT, compile=False).get_weights() for run in runs]
@@ -208,7 +209,6 @@ def make_soup(
             shutil.copy2(runs[0] / name, out_dir / name)
     soup_config = {**config, "out_dir": str(out_dir), "soup_of": [str(r) for r in runs]}
     (out_dir / "config.json").write_text(json.dumps(soup_config, indent=1))
-    configs = [_read(run / "config.json") for run in runs]
     differences = {  # what the ingredients' configurations do not share (the soup's config.json is the first's)
         key: [c.get(key) for c in configs]
         for key in sorted(set().union(*configs) - {"out_dir"})

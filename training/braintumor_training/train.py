@@ -215,6 +215,20 @@ class AveragedWeights(keras.callbacks.SwapEMAWeights):
             self._finalize_ema_values()  # the slot takes the average, which fit then copies into the model
 
 
+def external_training_records(
+    records: list[ManifestRecord], parts: dict[str, str], limit: int | None
+) -> list[ManifestRecord]:
+    """The manifest dataset's training part as a run trains on it (with ``limit``, a thinned subset).
+
+    Args:
+        records: the manifest dataset.
+        parts: the run's split (``external_split.json`` ``parts``: path to ``train``, ``val`` or ``test``).
+        limit: the run's ``limit_per_class`` (smoke tests), or ``None``.
+    """
+    chosen = [r for r in records if parts[r.path] == "train"]
+    return chosen if limit is None else chosen[:: max(1, len(chosen) // (2 * limit))]
+
+
 def software_versions() -> dict[str, Any]:
     """What a run was made with, kept in its ``run.json``: TensorFlow, Keras, Python, the machine and its CPUs."""
     return {
@@ -402,10 +416,9 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
             flush=True,
         )
         parts = split["parts"]
-        ext_train = [r for r in external if parts[r.path] == "train"]
+        ext_train = external_training_records(external, parts, config.limit_per_class)
         ext_val = [r for r in external if parts[r.path] == "val"]
         if config.limit_per_class is not None:
-            ext_train = ext_train[:: max(1, len(ext_train) // (2 * config.limit_per_class))]
             ext_val = ext_val[:: max(1, len(ext_val) // max(2, config.limit_per_class // 2))]
         extra: list[np.ndarray] = []
         for records_part in (ext_train, ext_val):

@@ -136,6 +136,18 @@ def test_rows_with_the_same_images_as_an_earlier_row_are_marked_and_left_out_of_
     assert "feltrin / T1 |" not in table and "| sequence T2 | 6 | 4 | 2 | 2 | 1/4: 0.250" in table
 
 
+def test_sequences_read_by_eye_group_only_the_images_read(external):
+    from dataclasses import replace
+
+    p, records = external
+    read = {10: "FLAIR", 11: "T2"}  # the two Br35H slices, whose manifest names no sequence
+    records = [replace(r, sequence_by_eye=read.get(k, "")) for k, r in enumerate(records)]
+    rows = [r for r in subgroup_rows(p, records) if r["grouping"] == "sequence_by_eye"]
+    assert [(r["subgroup"], r["n"]) for r in rows] == [("br35h / FLAIR (by eye)", 1), ("br35h / T2 (by eye)", 1)]
+    assert all(r["tumor_sensitivity"]["k"] == 1 and r["same_as"] is None for r in rows)
+    assert not [r for r in subgroup_rows(p[:10], records[:10]) if r["grouping"] == "sequence_by_eye"]  # none read
+
+
 def test_folder_records_are_judged_per_class_on_all_four_classes():
     records = [ImageRecord(f"Testing/{label}/{i}.jpg", "Testing", label) for label in LABELS for i in range(3)]
     predicted = [G, G, M, M, M, M, N, N, G, P, P, N]  # one glioma as meningioma; a false alarm; a missed pituitary

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import copy_repository
 
 from synthetic import make_dataset, make_manifest_dataset
 
@@ -98,6 +99,55 @@ def test_a_published_version_is_judged_on_a_runs_external_test_part(run_dir, dat
     assert result["sets"]["external_test"]["subgroups"] == metrics["comparison"]["sets"]["external_test"]["subgroups"]
     assert (out / "subgroups.png").stat().st_size > 1000 and "## Subgroups" in (out / "subgroups.md").read_text()
     assert main(["evaluate", "--version", "2"]) == 2  # needs --external-split
+
+
+def test_sequences_read_by_eye_are_reported_beside_a_second_version(run_dir, data, external, tmp_path, capsys):
+    split_file = run_dir / "external_split.json"
+    parts = json.loads(split_file.read_text())["parts"]
+    tested = sorted(Path(path) for path, part in parts.items() if part == "test")
+    labels = tmp_path / "by-eye.csv"
+    rows = ["index,sample,path,sequence,confidence,note"]
+    rows += [f"{k},s,{path.relative_to(external)},{'FLAIR' if k % 2 else 'T2'},sure," for k, path in enumerate(tested)]
+    labels.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "by-eye"
+    command = ["evaluate", "--version", "2", "--compare-version", "1", "--external-split", str(split_file)]
+    assert main([*command, "--data", str(data), "--out", str(out), "--sequences-by-eye", str(labels)]) == 0
+    result = json.loads((out / "subgroups.json").read_text())
+    by_eye = {
+        r["subgroup"]: r for r in result["sets"]["external_test"]["subgroups"] if r["grouping"] == "sequence_by_eye"
+    }
+    sources = {path.name.split("_")[0] for path in tested}  # images/<source>_<sequence>_<finding>_<i>.jpg
+    assert sum(r["n"] for r in by_eye.values()) == len(tested)  # each labelled image in exactly one row
+    assert {name.split(" / ")[1] for name in by_eye} == {"FLAIR (by eye)", "T2 (by eye)"}
+    assert {name.split(" / ")[0] for name in by_eye} <= sources
+    compared = result["compared_sets"]["external_test"]["subgroups"]
+    assert [r["subgroup"] for r in compared] == [r["subgroup"] for r in result["sets"]["external_test"]["subgroups"]]
+    report = (out / "subgroups.md").read_text()
+    assert "(by eye)" in report and "(v1)" in report and "(v2)" in report
+    # --card: the rows go into the version's model card, once however often it is run
+    repository = tmp_path / "repository"
+    copy_repository(repository, keep=(1, 2))
+    card = repository / "braintumor" / "2" / "model-card.md"
+    published = ["--repository", str(repository), "--sequences-by-eye", str(labels), "--card"]
+    for _ in range(2):
+        assert main([*command, "--data", str(data), "--out", str(tmp_path / "card"), *published]) == 0
+    text = card.read_text()
+    assert text.count("## Sequences read by eye") == 1 and "FLAIR (by eye)" in text
+    assert text.index("## Sequences read by eye") < text.index("## Known limitations")
+    assert main([*command, "--out", str(tmp_path / "nocsv"), "--card"]) == 2  # --card needs the labels
+    # unreadable or foreign hand labels: a clear error, nothing scored
+    capsys.readouterr()
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"path,sequence\n{tested[0].relative_to(external)},DWI\n")
+    assert main([*command, "--out", str(tmp_path / "bad"), "--sequences-by-eye", str(bad)]) == 2
+    assert "unknown sequence 'DWI'" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.csv"
+    foreign.write_text("path,sequence\nimages/elsewhere/x.jpg,FLAIR\n")
+    assert main([*command, "--out", str(tmp_path / "foreign"), "--sequences-by-eye", str(foreign)]) == 2
+    assert "none of the 1 images read by eye" in capsys.readouterr().err
+    same = ["evaluate", "--version", "2", "--compare-version", "2", "--external-split", str(split_file)]
+    assert main([*same, "--out", str(tmp_path / "same")]) == 2
+    assert "is the version evaluated" in capsys.readouterr().err
 
 
 def test_a_run_trains_on_both_datasets_and_the_ablation_judges_it(run_dir, external, tmp_path):

@@ -139,7 +139,16 @@ def _cmd_evaluate_version(args: argparse.Namespace) -> int:
     out = Path(args.out or f"docs/v{args.version}/external")
     try:
         result = evaluate_published(
-            args.version, split_file, manifest, out, data, Path(args.repository), args.model_name
+            args.version,
+            split_file,
+            manifest,
+            out,
+            data,
+            Path(args.repository),
+            args.model_name,
+            sequences_by_eye=Path(args.sequences_by_eye) if args.sequences_by_eye else None,
+            compare_version=args.compare_version,
+            card=args.card,
         )
     except (EvaluationError, DatasetError) as err:
         print(f"braintumor evaluate: {err}", file=sys.stderr)
@@ -171,6 +180,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             compare_version=args.compare_version,
             repository=Path(args.repository),
             model_name=args.model_name,
+            sequences_by_eye=Path(args.sequences_by_eye) if args.sequences_by_eye else None,
         )
     except (EvaluationError, DatasetError) as err:
         print(f"braintumor evaluate: {err}", file=sys.stderr)
@@ -398,7 +408,14 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "--compare-version",
         type=int,
         default=None,
-        help="a published version to score on the run's test images too, shown beside it (report, model card)",
+        help="a published version to score on the same test images too, shown beside it (report, model card)",
+    )
+    parser.add_argument(
+        "--sequences-by-eye",
+        default=None,
+        metavar="CSV",
+        help="also report the external test images of this hand-check CSV by the sequence read by eye "
+        "(docs/audit/br35h-test-sequences.csv: Br35H, whose manifest names no sequence; the only FLAIR labels)",
     )
     parser.add_argument(
         "--version",
@@ -413,6 +430,11 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --version: the manifest dataset (default: the one of the run beside --external-split)",
     )
     parser.add_argument("--out", default=None, help="with --version: report folder (default: docs/v<N>/external)")
+    parser.add_argument(
+        "--card",
+        action="store_true",
+        help="with --version and --sequences-by-eye: also put those rows into the version's model card",
+    )
     parser.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
     parser.add_argument("--model-name", default=MODEL_NAME)
     parser.set_defaults(func=_cmd_evaluate)

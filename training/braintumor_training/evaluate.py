@@ -35,9 +35,11 @@ from braintumor.config import DEFAULT_MODEL_REPOSITORY, INPUT_NAME, LABELS, MODE
 from braintumor.model_repository import MODEL_FILE, PREPROCESSING_FILE
 from braintumor.preprocessing import Preprocessing
 from braintumor_training.dataset import TEST_SPLIT, ImageRecord, load_arrays, scan_dataset
-from braintumor_training.external import ManifestRecord, read_manifest
+from braintumor_training.external import ManifestRecord, read_manifest, with_sequences_by_eye
 from braintumor_training.metrics import calibrated, classification_metrics, fit_temperature
 from braintumor_training.model import tta_logits
+from braintumor_training.model_card import CARD_FILE, set_section
+from braintumor_training.sequences import read_hand_labels
 from braintumor_training.subgroups import check_targets, compact, plot_forest, render_table, render_targets, score_set
 from braintumor_training.train import BEST_CHECKPOINT, EXTERNAL_SPLIT_FILE, run_preprocessing
 
@@ -76,7 +78,10 @@ def run_sets(data_dir: Path, audit: dict[str, Any]) -> dict[str, list[ImageRecor
 
 
 def external_parts(
-    split_file: Path, manifest_dir: Path, parts: tuple[str, ...] = ("val", "test")
+    split_file: Path,
+    manifest_dir: Path,
+    parts: tuple[str, ...] = ("val", "test"),
+    sequences_by_eye: Path | None = None,
 ) -> dict[str, list[ManifestRecord]]:
     """The parts of a manifest dataset as a run split it: ``{"external_val": [...], "external_test": [...]}``.
 
@@ -84,9 +89,12 @@ def external_parts(
         split_file: the run's ``external_split.json`` (absolute image paths to ``train``/``val``/``test``).
         manifest_dir: the manifest dataset's folder.
         parts: which parts.
+        sequences_by_eye: a hand-check CSV (``path`` relative to ``manifest_dir``, ``sequence``) whose
+            images are also reported by that sequence (``docs/audit/br35h-test-sequences.csv``).
 
     Raises:
-        EvaluationError: when the split file is missing or names none of the manifest's images.
+        EvaluationError: when the split file is missing or names none of the manifest's images, or the
+            hand-check CSV cannot be read or names none of them.
     """
     if not Path(split_file).exists():
         raise EvaluationError(f"{split_file} not found: the run's split of its external dataset is needed")
@@ -94,14 +102,29 @@ def external_parts(
     records = read_manifest(Path(manifest_dir), check_images=False)
     if not any(r.path in split for r in records):
         raise EvaluationError(f"{split_file} names none of the images of {manifest_dir} (moved since training?)")
+    if sequences_by_eye is not None:
+        try:
+            records = with_sequences_by_eye(records, read_hand_labels(Path(sequences_by_eye)), Path(manifest_dir))
+        except (OSError, ValueError) as err:  # ManifestError is a ValueError too
+            raise EvaluationError(f"sequences by eye: {err}") from err
     return {f"external_{part}": [r for r in records if split.get(r.path) == part] for part in parts}
 
 
-def external_sets(run_dir: Path, config: dict[str, Any]) -> dict[str, list[ManifestRecord]]:
-    """A run's external validation and test parts (empty when it was trained without a manifest dataset)."""
+def external_sets(
+    run_dir: Path, config: dict[str, Any], sequences_by_eye: Path | None = None
+) -> dict[str, list[ManifestRecord]]:
+    """A run's external validation and test parts (empty when it was trained without a manifest dataset).
+
+    Args:
+        run_dir: the run folder (its ``external_split.json``).
+        config: its ``config.json``.
+        sequences_by_eye: see :func:`external_parts`.
+    """
     if not config.get("external"):
         return {}
-    return external_parts(Path(run_dir) / EXTERNAL_SPLIT_FILE, Path(config["external"]))
+    return external_parts(
+        Path(run_dir) / EXTERNAL_SPLIT_FILE, Path(config["external"]), sequences_by_eye=sequences_by_eye
+    )
 
 
 def load_classifier(run_dir: Path) -> keras.Model:
@@ -261,6 +284,15 @@ def subgroup_sections(
     return lines
 
 
+#: The model card section that :func:`evaluate_published` writes with ``card``.
+BY_EYE_HEADING = "## Sequences read by eye"
+#: What a report says of its rows marked *(by eye)*.
+BY_EYE_NOTE = (
+    "Rows marked *(by eye)* group the external images whose sequence was read by eye (`{csv}`), where the "
+    "manifest gives none: a hand label, not the source's, and the only FLAIR label this dataset has."
+)
+
+
 def render_report(metrics: dict[str, Any]) -> str:
     """The evaluation report in Markdown."""
     fit = metrics.get("temperature_fit")
@@ -317,6 +349,8 @@ def render_report(metrics: dict[str, Any]) -> str:
                 "version through its own preprocessing and with its own built-in temperature.",
                 "",
             ]
+        if metrics.get("sequences_by_eye"):
+            lines += [BY_EYE_NOTE.format(csv=metrics["sequences_by_eye"]), ""]
         lines += subgroup_sections(sets_by_model, metrics["targets"], "subgroups.png")
     return "\n".join(lines)
 
@@ -378,6 +412,9 @@ def evaluate_published(
     data_dir: Path | None = None,
     repository: Path = DEFAULT_MODEL_REPOSITORY,
     model_name: str = MODEL_NAME,
+    sequences_by_eye: Path | None = None,
+    compare_version: int | None = None,
+    card: bool = False,
 ) -> dict[str, Any]:
     """Subgroups of a published version on a run's external test part (and on Testing): a report in ``out``.
 
@@ -393,13 +430,24 @@ def evaluate_published(
             leak-free subset are scored too); ``None`` skips it.
         repository: the model repository.
         model_name: the model's name in it.
+        sequences_by_eye: a hand-check CSV whose images are also reported by the sequence read by eye
+            (:func:`external_parts`).
+        compare_version: another published version scored on the same images (its own preprocessing and
+            temperature), shown beside it; the targets are judged on ``version``.
+        card: also put the rows of ``sequences_by_eye`` into the version's model card (section
+            :data:`BY_EYE_HEADING`, replaced when it is there).
 
     Raises:
-        EvaluationError: when the version or the split is missing.
+        EvaluationError: when a version or the split is missing, or the hand-check CSV cannot be used.
     """
     version_dir = Path(repository) / model_name / str(version)
-    if not (version_dir / MODEL_FILE).exists():
-        raise EvaluationError(f"version {version} of {model_name} is not published in {repository}")
+    for v in (version, compare_version):
+        if v is not None and not (Path(repository) / model_name / str(v) / MODEL_FILE).exists():
+            raise EvaluationError(f"version {v} of {model_name} is not published in {repository}")
+    if compare_version == version:
+        raise EvaluationError(f"--compare-version {compare_version} is the version evaluated")
+    if card and sequences_by_eye is None:
+        raise EvaluationError("--card puts the sequences read by eye into the model card: give --sequences-by-eye")
     published = (
         json.loads((version_dir / "metrics.json").read_text()) if (version_dir / "metrics.json").exists() else {}
     )
@@ -411,12 +459,21 @@ def evaluate_published(
         clean = [r for r in testing if r.path in leak_free]
         if clean:  # the version's own audit of the same dataset
             sets["test_leak_free"] = (Path(data_dir), clean)
-    sets["external_test"] = (Path("/"), external_parts(split_file, manifest_dir, ("test",))["external_test"])
+    external = external_parts(split_file, manifest_dir, ("test",), sequences_by_eye)["external_test"]
+    sets["external_test"] = (Path("/"), external)
+    by_model = {}
+    if compare_version is not None:
+        by_model[f"v{compare_version}"] = score_version(Path(repository) / model_name / str(compare_version), sets)
     scored = score_version(version_dir, sets)
     model = f"v{version}"
+    by_model[model] = scored
+    by_eye = sum(1 for r in external if r.sequence_by_eye)
     result = {
         "model": f"{model_name} version {version}",
         "version": version,
+        "compare_version": compare_version,
+        "sequences_by_eye": _shown(sequences_by_eye) if sequences_by_eye is not None else None,
+        "compared_sets": {name: compact(m) for name, m in by_model.get(f"v{compare_version}", {}).items()},
         "external_split": _shown(split_file),
         "manifest": _shown(manifest_dir),
         "data_dir": _shown(data_dir) if data_dir is not None else None,
@@ -427,19 +484,48 @@ def evaluate_published(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "subgroups.json").write_text(json.dumps(result, indent=1))
-    plot_forest({model: scored}, out / "subgroups.png", f"{model_name} version {version} by subgroup")
+    title = f"{model_name} version {version}" + (f" beside version {compare_version}" if compare_version else "")
+    plot_forest(by_model, out / "subgroups.png", f"{title} by subgroup")
     lines = [
-        f"# {model_name} version {version} by subgroup",
+        f"# {title} by subgroup",
         "",
         f"The published ONNX model (`{_shown(version_dir / MODEL_FILE)}`) with its own preprocessing "
         f"(`{version_preprocessing(version_dir).to_json()}`) and built-in temperature, on the test part of the "
         f"external dataset `{_shown(manifest_dir)}` as `{_shown(split_file)}` splits it (never trained or tuned on)"
         + (f" and on the Testing split of `{_shown(data_dir)}`" if data_dir is not None else "")
-        + ". A tumour is called when 1 − p(notumor) ≥ 0.5.",
+        + ". A tumour is called when 1 − p(notumor) ≥ 0.5."
+        + (
+            f" Version {compare_version} is scored on the same images through its own preprocessing and "
+            f"temperature; the targets are judged on version {version}."
+            if compare_version is not None
+            else ""
+        ),
         "",
-        *subgroup_sections({model: scored}, result["targets"], "subgroups.png"),
     ]
+    if sequences_by_eye is not None:
+        lines += [
+            f"{by_eye} images of this test part were read by eye. " + BY_EYE_NOTE.format(csv=_shown(sequences_by_eye)),
+            "",
+        ]
+    lines += subgroup_sections(by_model, result["targets"], "subgroups.png")
     (out / "subgroups.md").write_text("\n".join(lines))
+    if card:
+        by_eye_rows = {
+            name: [r for r in sets["external_test"]["subgroups"] if r["grouping"] == "sequence_by_eye"]
+            for name, sets in by_model.items()
+        }
+        intro = (
+            f"Added after publication by `braintumor evaluate --version {version}"
+            + (f" --compare-version {compare_version}" if compare_version is not None else "")
+            + f" --sequences-by-eye {_shown(sequences_by_eye)} --card`: the {by_eye} slices of the external test "
+            "part whose sequence was read by eye, as the manifest gives none for them (a hand label, not the "
+            "source's; the only FLAIR "
+            "labels). Tumour sensitivity with 95 % Wilson intervals"
+            + (f", version {compare_version} on the same images" if compare_version is not None else "")
+            + f"; the whole report: `{_shown(out / 'subgroups.md')}`."
+        )
+        body = "\n".join(render_table(by_eye_rows, ("tumor_sensitivity",)))
+        set_section(version_dir / CARD_FILE, BY_EYE_HEADING, intro, body)
     return result
 
 
@@ -450,6 +536,7 @@ def evaluate_run(
     compare_version: int | None = None,
     repository: Path = DEFAULT_MODEL_REPOSITORY,
     model_name: str = MODEL_NAME,
+    sequences_by_eye: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's best checkpoint; writes and returns ``evaluation/metrics.json``.
 
@@ -462,6 +549,8 @@ def evaluate_run(
             preprocessing), shown beside the run in the report, the figure and the model card.
         repository: the model repository holding ``compare_version``.
         model_name: the model's name in it.
+        sequences_by_eye: a hand-check CSV whose external images are also reported by the sequence read by
+            eye (:func:`external_parts`).
     """
     run_dir = Path(run_dir)
     config, audit = load_run(run_dir)
@@ -471,7 +560,7 @@ def evaluate_run(
     preprocessing = run_preprocessing(config)
     records: dict[str, list[ImageRecord | ManifestRecord]] = {
         **run_sets(data_dir, audit),
-        **external_sets(run_dir, config),
+        **external_sets(run_dir, config, sequences_by_eye),
     }
     roots = {name: Path("/") if name.startswith("external") else data_dir for name in records}
     logits: dict[str, np.ndarray] = {}
@@ -499,6 +588,7 @@ def evaluate_run(
         },
         "image_size": size,
         "tta": tta,
+        "sequences_by_eye": _shown(sequences_by_eye) if sequences_by_eye is not None else None,
     }
     for name in logits:
         probabilities = calibrated(logits[name], temperature)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,8 @@ class ManifestRecord:
         sequence: the MRI sequence (one of :data:`SEQUENCES`).
         finding: what the image shows (one of :data:`FINDINGS`).
         detail: the source's own finer label (tumour type), or ``""``.
+        sequence_by_eye: a sequence read by eye where the manifest gives none (evaluation only; see
+            :func:`with_sequences_by_eye`), or ``""``.
     """
 
     path: str
@@ -59,6 +61,7 @@ class ManifestRecord:
     sequence: str
     finding: str
     detail: str = ""
+    sequence_by_eye: str = ""
 
     @property
     def is_tumor(self) -> bool:
@@ -74,6 +77,30 @@ class ManifestRecord:
     def stratum(self) -> str:
         """What the split balances: source, sequence and finding."""
         return f"{self.source}/{self.sequence}/{self.finding}"
+
+
+def with_sequences_by_eye(
+    records: Sequence[ManifestRecord], labels: Mapping[str, str], root: Path
+) -> list[ManifestRecord]:
+    """``records`` with the sequence read by eye of each image that ``labels`` names.
+
+    Evaluation reports these images by that sequence too (Br35H, for instance, names none, and about a
+    quarter of it is FLAIR, which no manifest row labels); training never reads it.
+
+    Args:
+        records: images of a manifest dataset.
+        labels: ``{path relative to root: sequence}`` (a hand-check CSV read by
+            :func:`~braintumor_training.sequences.read_hand_labels`).
+        root: the manifest dataset's folder.
+
+    Raises:
+        ManifestError: when ``labels`` names none of ``records`` (another split or another folder).
+    """
+    by_path = {str((Path(root) / rel).resolve()): sequence for rel, sequence in labels.items()}
+    out = [replace(r, sequence_by_eye=by_path.get(str(Path(r.path).resolve()), "")) for r in records]
+    if labels and not any(r.sequence_by_eye for r in out):
+        raise ManifestError(f"none of the {len(labels)} images read by eye is among these {len(records)} images")
+    return out
 
 
 def target_mask(finding: str) -> np.ndarray:

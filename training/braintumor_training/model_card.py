@@ -18,6 +18,9 @@ from braintumor.model_repository import PREPROCESSING_FILE
 from braintumor.preprocessing import Preprocessing
 from braintumor_training.subgroups import find_row, format_proportion, render_table, render_targets
 
+#: A published version's model card, beside its ``model.onnx``.
+CARD_FILE = "model-card.md"
+
 if TYPE_CHECKING:
     from braintumor_training.export import QualityGate
 
@@ -99,6 +102,24 @@ def _cell(sets: dict[str, Any] | None, grouping: str, subgroup: str, key: str = 
     """One proportion of one external-test subgroup, formatted, or ``–``."""
     row = find_row(sets["external_test"]["subgroups"], grouping, subgroup) if sets and "external_test" in sets else None
     return format_proportion(row.get(key) if row else None)
+
+
+def _flair_sentence(rows: list[dict[str, Any]]) -> str:
+    """What the card says of FLAIR: its labelled rows, its rows read by eye, or that it has none."""
+    labelled = find_row(rows, "sequence", "FLAIR")
+    if labelled:
+        return f" On FLAIR slices: {format_proportion(labelled.get('tumor_sensitivity'), counts=True)}."
+    by_eye = [r for r in rows if r["grouping"] == "sequence_by_eye" and r["subgroup"].endswith("/ FLAIR (by eye)")]
+    if by_eye:
+        return (
+            " On FLAIR slices read by eye (the manifest labels none): "
+            + ", ".join(
+                f"{r['subgroup'].split(' / ')[0]} {format_proportion(r.get('tumor_sensitivity'), counts=True)}"
+                for r in by_eye
+            )
+            + "."
+        )
+    return " FLAIR has no labelled test slices of its own (Br35H mixes sequences without saying which)."
 
 
 def subgroup_card_sections(metrics: dict[str, Any], version: int, config: dict[str, Any]) -> list[str]:
@@ -194,11 +215,7 @@ def subgroup_card_sections(metrics: dict[str, Any], version: int, config: dict[s
         + ": on the same images its tumour sensitivity is "
         + _screening_figures(mine)
         + "."
-        + (
-            ""
-            if find_row(external["subgroups"], "sequence", "FLAIR")
-            else " FLAIR has no labelled test slices of its own (Br35H mixes sequences without saying which)."
-        ),
+        + _flair_sentence(external["subgroups"]),
         "",
         "## Reading the class when the tumour type is not one of the four",
         "",

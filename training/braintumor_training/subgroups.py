@@ -33,8 +33,9 @@ Z95 = 1.959963984540054
 FOLDER_SOURCE = "brain-tumor-mri"
 #: Groupings of the folder dataset's Testing split: everything, and each class.
 FOLDER_GROUPINGS: tuple[str, ...] = ("all", "finding")
-#: Groupings of a manifest dataset: everything, each source, sequence, source and sequence, finding.
-EXTERNAL_GROUPINGS: tuple[str, ...] = ("all", "source", "sequence", "source_sequence", "finding")
+#: Groupings of a manifest dataset: everything, each source, sequence, source and sequence, finding, and the
+#: sequence read by eye where the manifest gives none (only the images that have one).
+EXTERNAL_GROUPINGS: tuple[str, ...] = ("all", "source", "sequence", "source_sequence", "finding", "sequence_by_eye")
 #: Classes whose accuracy is counted on a manifest dataset (its typed tumours; it has no pituitary).
 EXTERNAL_ACCURACY_CLASSES: tuple[str, ...] = ("glioma", "meningioma")
 #: The proportions each row holds, in the order tables show them.
@@ -88,28 +89,39 @@ class Subject:
         source: the dataset the image comes from.
         sequence: its MRI sequence (``unknown`` where not given).
         finding: its class, ``other_tumor`` or ``tumor``.
+        by_eye: its sequence read by eye, where the manifest gives none and it was read (else ``""``).
     """
 
     source: str
     sequence: str
     finding: str
+    by_eye: str = ""
 
     @classmethod
     def of(cls, record: Any) -> Subject:
-        """From a manifest record (source, sequence, finding) or a folder record (its class label)."""
+        """From a manifest record (source, sequence, finding, sequence by eye) or a folder record (its label)."""
         if hasattr(record, "finding"):
-            return cls(record.source, record.sequence, record.finding)
+            return cls(record.source, record.sequence, record.finding, getattr(record, "sequence_by_eye", ""))
         return cls(FOLDER_SOURCE, "unknown", record.label)
 
 
-GROUPINGS: dict[str, Callable[[Subject], str]] = {
+#: How each grouping names an image's subgroup (``None``: the image is in none of its subgroups).
+GROUPINGS: dict[str, Callable[[Subject], str | None]] = {
     "all": lambda s: "all",
     "source": lambda s: s.source,
     "sequence": lambda s: s.sequence,
     "source_sequence": lambda s: f"{s.source} / {s.sequence}",
     "finding": lambda s: s.finding,
+    "sequence_by_eye": lambda s: f"{s.source} / {s.by_eye} (by eye)" if s.by_eye else None,
 }
-GROUPING_TITLES = {"all": "", "source": "source", "sequence": "sequence", "source_sequence": "", "finding": ""}
+GROUPING_TITLES = {
+    "all": "",
+    "source": "source",
+    "sequence": "sequence",
+    "source_sequence": "",
+    "finding": "",
+    "sequence_by_eye": "",
+}
 
 
 def row_label(row: Mapping[str, Any]) -> str:
@@ -165,7 +177,7 @@ def subgroup_rows(
     for grouping in groupings:
         key = GROUPINGS[grouping]
         names = np.array([key(s) for s in subjects], dtype=object)
-        for name in sorted(set(names)):
+        for name in sorted(set(names) - {None}):
             member = names == name
             fingerprint = np.packbits(member).tobytes()
             label = row_label({"grouping": grouping, "subgroup": str(name)})

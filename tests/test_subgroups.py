@@ -146,6 +146,27 @@ def test_sequences_read_by_eye_group_only_the_images_read(external):
     assert [(r["subgroup"], r["n"]) for r in rows] == [("br35h / FLAIR (by eye)", 1), ("br35h / T2 (by eye)", 1)]
     assert all(r["tumor_sensitivity"]["k"] == 1 and r["same_as"] is None for r in rows)
     assert not [r for r in subgroup_rows(p[:10], records[:10]) if r["grouping"] == "sequence_by_eye"]  # none read
+    # both Br35H slices read as FLAIR: the row has the images of "source br35h" and is still shown
+    records = [replace(r, sequence_by_eye="FLAIR" if k in read else "") for k, r in enumerate(records)]
+    rows = subgroup_rows(p, records)
+    flair = find_row(rows, "sequence_by_eye", "br35h / FLAIR (by eye)")
+    assert flair["same_as"] is None and "br35h / FLAIR (by eye) | 2 | 2 |" in "\n".join(render_table({"v": rows}))
+
+
+def test_the_card_says_what_it_knows_of_flair(external):
+    from dataclasses import replace
+
+    from braintumor_training.model_card import _flair_sentence
+
+    p, records = external
+    assert "FLAIR has no labelled test slices" in _flair_sentence(subgroup_rows(p, records))
+    read = [replace(r, sequence_by_eye="FLAIR" if r.source == "br35h" else "") for r in records]
+    assert (
+        _flair_sentence(subgroup_rows(p, read))
+        == " On FLAIR slices read by eye (the manifest labels none): br35h 2/2: 1.000 (0.342–1.000)."
+    )
+    labelled = [replace(r, sequence="FLAIR") if r.sequence == "T2" else r for r in records]
+    assert _flair_sentence(subgroup_rows(p, labelled)).startswith(" On FLAIR slices: 1/4: 0.250")
 
 
 def test_folder_records_are_judged_per_class_on_all_four_classes():

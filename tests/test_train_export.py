@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import copy_repository
+from helpers import copy_repository, eager_training
 
 from synthetic import make_dataset, make_manifest_dataset
 
@@ -104,7 +104,12 @@ def test_a_published_version_is_judged_on_a_runs_external_test_part(run_dir, dat
 def test_sequences_read_by_eye_are_reported_beside_a_second_version(run_dir, data, external, tmp_path, capsys):
     split_file = run_dir / "external_split.json"
     parts = json.loads(split_file.read_text())["parts"]
-    tested = sorted(Path(path) for path, part in parts.items() if part == "test")
+    # only Br35H names no sequence: images/<source>_<sequence>_<finding>_<i>.jpg
+    br35h = {
+        part: sorted(Path(p) for p, q in parts.items() if q == part and "/br35h_" in p) for part in ("train", "test")
+    }
+    tested = br35h["test"]
+    assert tested and br35h["train"]
     labels = tmp_path / "by-eye.csv"
     rows = ["index,sample,path,sequence,confidence,note"]
     rows += [f"{k},s,{path.relative_to(external)},{'FLAIR' if k % 2 else 'T2'},sure," for k, path in enumerate(tested)]
@@ -116,10 +121,9 @@ def test_sequences_read_by_eye_are_reported_beside_a_second_version(run_dir, dat
     by_eye = {
         r["subgroup"]: r for r in result["sets"]["external_test"]["subgroups"] if r["grouping"] == "sequence_by_eye"
     }
-    sources = {path.name.split("_")[0] for path in tested}  # images/<source>_<sequence>_<finding>_<i>.jpg
     assert sum(r["n"] for r in by_eye.values()) == len(tested)  # each labelled image in exactly one row
-    assert {name.split(" / ")[1] for name in by_eye} == {"FLAIR (by eye)", "T2 (by eye)"}
-    assert {name.split(" / ")[0] for name in by_eye} <= sources
+    assert set(by_eye) <= {"br35h / FLAIR (by eye)", "br35h / T2 (by eye)"}
+    assert all(r["same_as"] is None for r in by_eye.values())  # shown even where it equals another row
     compared = result["compared_sets"]["external_test"]["subgroups"]
     assert [r["subgroup"] for r in compared] == [r["subgroup"] for r in result["sets"]["external_test"]["subgroups"]]
     report = (out / "subgroups.md").read_text()
@@ -132,19 +136,33 @@ def test_sequences_read_by_eye_are_reported_beside_a_second_version(run_dir, dat
     for _ in range(2):
         assert main([*command, "--data", str(data), "--out", str(tmp_path / "card"), *published]) == 0
     text = card.read_text()
-    assert text.count("## Sequences read by eye") == 1 and "FLAIR (by eye)" in text
+    assert text.count("## Sequences read by eye") == 1 and "br35h / T2 (by eye)" in text
     assert text.index("## Sequences read by eye") < text.index("## Known limitations")
-    assert main([*command, "--out", str(tmp_path / "nocsv"), "--card"]) == 2  # --card needs the labels
-    # unreadable or foreign hand labels: a clear error, nothing scored
+    assert f"--external-split {os.path.relpath(split_file)} --external" in text  # a command that can run again
     capsys.readouterr()
-    bad = tmp_path / "bad.csv"
-    bad.write_text(f"path,sequence\n{tested[0].relative_to(external)},DWI\n")
-    assert main([*command, "--out", str(tmp_path / "bad"), "--sequences-by-eye", str(bad)]) == 2
-    assert "unknown sequence 'DWI'" in capsys.readouterr().err
-    foreign = tmp_path / "foreign.csv"
-    foreign.write_text("path,sequence\nimages/elsewhere/x.jpg,FLAIR\n")
-    assert main([*command, "--out", str(tmp_path / "foreign"), "--sequences-by-eye", str(foreign)]) == 2
-    assert "none of the 1 images read by eye" in capsys.readouterr().err
+    assert main([*command, "--out", str(tmp_path / "nocsv"), "--card"]) == 2
+    assert "give --sequences-by-eye" in capsys.readouterr().err
+    assert main(["evaluate", str(run_dir), "--card"]) == 2  # a run has no published card
+    assert "use it with --version" in capsys.readouterr().err
+
+    def refused(text: str) -> str:
+        csv_file = tmp_path / "refused.csv"
+        csv_file.write_text(text)
+        assert main([*command, "--out", str(tmp_path / "refused"), "--sequences-by-eye", str(csv_file)]) == 2
+        assert not (tmp_path / "refused").exists()  # nothing scored, nothing written
+        return capsys.readouterr().err
+
+    first = tested[0].relative_to(external)
+    assert "unknown sequence 'DWI'" in refused(f"path,sequence\n{first},DWI\n")
+    assert "already labelled on line 2" in refused(f"path,sequence\n{first},T2\n{first},FLAIR\n")
+    assert "names no image" in refused("path,sequence\n")
+    assert "images/elsewhere/x.jpg is not an image of the manifest" in refused(
+        "path,sequence\nimages/elsewhere/x.jpg,T2\n"
+    )
+    known = next(Path(p) for p, q in parts.items() if q == "test" and "/feltrin_T1_" in p).relative_to(external)
+    assert "already names its sequence (T1)" in refused(f"path,sequence\n{known},FLAIR\n")
+    trained = br35h["train"][0].relative_to(external)
+    assert "none of its images is in the test part" in refused(f"path,sequence\n{trained},FLAIR\n")
     same = ["evaluate", "--version", "2", "--compare-version", "2", "--external-split", str(split_file)]
     assert main([*same, "--out", str(tmp_path / "same")]) == 2
     assert "is the version evaluated" in capsys.readouterr().err
@@ -180,10 +198,9 @@ def test_a_second_phase_starts_from_an_earlier_runs_weights(run_dir, data, tmp_p
 
     out = tmp_path / "phase2"
     command = ["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--image-size", str(SIZE)]
-    assert (
-        main([*command, "--learning-rate", "1e-9", "--warmup-epochs", "0", "--init-from", str(run_dir / "best.keras")])
-        == 0
-    )
+    start = ["--learning-rate", "1e-9", "--warmup-epochs", "0", "--init-from", str(run_dir / "best.keras")]
+    with eager_training():
+        assert main([*command, *start]) == 0
     assert "Starting from the weights of" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["init_from"] == str(run_dir / "best.keras")
     before = keras.models.load_model(run_dir / "best.keras", compile=False).get_layer("logits").get_weights()[0]
@@ -225,7 +242,8 @@ def test_source_balance_and_jpeg_draft_reach_the_loss_and_the_published_preproce
     out = tmp_path / "balanced"
     command = ["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--image-size", str(SIZE)]
     flags = ["--external", str(external), "--balance", "source", "--jpeg-draft"]
-    assert main([*command, *PREPROCESSING_FLAGS, *flags]) == 0
+    with eager_training():
+        assert main([*command, *PREPROCESSING_FLAGS, *flags]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["balance"] == "source" and run_preprocessing(config).jpeg_draft
     weights = json.loads((out / "run.json").read_text())["sessions"][0]["class_weight"]

@@ -155,6 +155,8 @@ def _cmd_evaluate_version(args: argparse.Namespace) -> int:
         return 2
     print("\n".join(render_targets(result["targets"])))
     print(f"Wrote {out}/subgroups.md, subgroups.png and subgroups.json")
+    if args.card:
+        print(f"and the section 'Sequences read by eye' of version {args.version}'s model card")
     return 0
 
 
@@ -167,6 +169,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         return _cmd_evaluate_version(args)
     if not args.run_dir:
         print("braintumor evaluate: give a run folder (or --version N for a published version)", file=sys.stderr)
+        return 2
+    if args.card:
+        print("braintumor evaluate: --card writes a published version's card: use it with --version", file=sys.stderr)
         return 2
     from braintumor_training.dataset import DatasetError
     from braintumor_training.evaluate import EvaluationError, evaluate_run

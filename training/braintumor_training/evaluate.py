@@ -106,7 +106,12 @@ def external_parts(
         try:
             records = with_sequences_by_eye(records, read_hand_labels(Path(sequences_by_eye)), Path(manifest_dir))
         except (OSError, ValueError) as err:  # ManifestError is a ValueError too
-            raise EvaluationError(f"sequences by eye: {err}") from err
+            raise EvaluationError(f"sequences by eye: {sequences_by_eye}: {err}") from err
+        if not any(r.sequence_by_eye for r in records if split.get(r.path) in parts):
+            raise EvaluationError(
+                f"sequences by eye: {sequences_by_eye}: none of its images is in the {' or '.join(parts)} part "
+                f"of {split_file} (another split?)"
+            )
     return {f"external_{part}": [r for r in records if split.get(r.path) == part] for part in parts}
 
 
@@ -448,6 +453,8 @@ def evaluate_published(
         raise EvaluationError(f"--compare-version {compare_version} is the version evaluated")
     if card and sequences_by_eye is None:
         raise EvaluationError("--card puts the sequences read by eye into the model card: give --sequences-by-eye")
+    if card and not (version_dir / CARD_FILE).exists():
+        raise EvaluationError(f"--card: version {version} has no {CARD_FILE} in {version_dir}")
     published = (
         json.loads((version_dir / "metrics.json").read_text()) if (version_dir / "metrics.json").exists() else {}
     )
@@ -473,7 +480,11 @@ def evaluate_published(
         "version": version,
         "compare_version": compare_version,
         "sequences_by_eye": _shown(sequences_by_eye) if sequences_by_eye is not None else None,
-        "compared_sets": {name: compact(m) for name, m in by_model.get(f"v{compare_version}", {}).items()},
+        "compared_sets": (
+            {name: compact(m) for name, m in by_model[f"v{compare_version}"].items()}
+            if compare_version is not None
+            else None
+        ),
         "external_split": _shown(split_file),
         "manifest": _shown(manifest_dir),
         "data_dir": _shown(data_dir) if data_dir is not None else None,
@@ -484,7 +495,9 @@ def evaluate_published(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "subgroups.json").write_text(json.dumps(result, indent=1))
-    title = f"{model_name} version {version}" + (f" beside version {compare_version}" if compare_version else "")
+    title = f"{model_name} version {version}" + (
+        f" beside version {compare_version}" if compare_version is not None else ""
+    )
     plot_forest(by_model, out / "subgroups.png", f"{title} by subgroup")
     lines = [
         f"# {title} by subgroup",
@@ -517,6 +530,7 @@ def evaluate_published(
         intro = (
             f"Added after publication by `braintumor evaluate --version {version}"
             + (f" --compare-version {compare_version}" if compare_version is not None else "")
+            + f" --external-split {_shown(split_file)} --external {_shown(manifest_dir)}"
             + f" --sequences-by-eye {_shown(sequences_by_eye)} --card`: the {by_eye} slices of the external test "
             "part whose sequence was read by eye, as the manifest gives none for them (a hand label, not the "
             "source's; the only FLAIR "
@@ -554,6 +568,8 @@ def evaluate_run(
     """
     run_dir = Path(run_dir)
     config, audit = load_run(run_dir)
+    if sequences_by_eye is not None and not config.get("external"):
+        raise EvaluationError(f"--sequences-by-eye: {run_dir} was trained without a manifest dataset (--external)")
     data_dir = Path(data_dir or config["data_dir"])
     model = load_classifier(run_dir)
     size = int(config["image_size"])

@@ -85,22 +85,34 @@ def with_sequences_by_eye(
     """``records`` with the sequence read by eye of each image that ``labels`` names.
 
     Evaluation reports these images by that sequence too (Br35H, for instance, names none, and about a
-    quarter of it is FLAIR, which no manifest row labels); training never reads it.
+    quarter of it is FLAIR, which no manifest row labels); training never reads it. Only an image whose
+    manifest sequence is ``unknown`` may be read by eye: a hand label never stands beside the source's.
 
     Args:
-        records: images of a manifest dataset.
+        records: every image of a manifest dataset.
         labels: ``{path relative to root: sequence}`` (a hand-check CSV read by
             :func:`~braintumor_training.sequences.read_hand_labels`).
         root: the manifest dataset's folder.
 
     Raises:
-        ManifestError: when ``labels`` names none of ``records`` (another split or another folder).
+        ManifestError: when ``labels`` is empty, or names a path that is not an image of ``records`` or an
+            image whose manifest names its sequence (the message names the path).
     """
-    by_path = {str((Path(root) / rel).resolve()): sequence for rel, sequence in labels.items()}
-    out = [replace(r, sequence_by_eye=by_path.get(str(Path(r.path).resolve()), "")) for r in records]
-    if labels and not any(r.sequence_by_eye for r in out):
-        raise ManifestError(f"none of the {len(labels)} images read by eye is among these {len(records)} images")
-    return out
+    if not labels:
+        raise ManifestError("it names no image")
+    by_path = {str(Path(r.path).resolve()): r for r in records}
+    read: dict[str, str] = {}
+    for relative, sequence in labels.items():
+        record = by_path.get(str((Path(root) / relative).resolve()))
+        if record is None:
+            raise ManifestError(f"{relative} is not an image of the manifest dataset in {root}")
+        if record.sequence != "unknown":
+            raise ManifestError(
+                f"{relative}: its manifest already names its sequence ({record.sequence}); only an image of "
+                "unknown sequence may be read by eye"
+            )
+        read[record.path] = sequence
+    return [replace(r, sequence_by_eye=read.get(r.path, "")) for r in records]
 
 
 def target_mask(finding: str) -> np.ndarray:

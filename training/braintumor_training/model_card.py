@@ -176,6 +176,10 @@ def subgroup_card_sections(metrics: dict[str, Any], version: int, config: dict[s
         *render_table({name: sets["external_test"]["subgroups"] for name, sets in models.items()}, proportions),
         "",
     ]
+    if any(r["grouping"] == "sequence_by_eye" for r in external["subgroups"]):
+        from braintumor_training.evaluate import BY_EYE_NOTE
+
+        lines += [BY_EYE_NOTE.format(csv=metrics.get("sequences_by_eye") or "a hand-check CSV"), ""]
     if "subgroups" in metrics.get("test", {}):
         lines += [
             "Testing (Kaggle), by class:",

@@ -416,7 +416,8 @@ def read_hand_labels(path: Path, sample: str | None = None) -> dict[str, str]:
         sample: keep only the rows whose ``sample`` column has this value.
 
     Raises:
-        ValueError: on a missing column or a sequence outside :data:`HAND_SEQUENCES`, naming the line.
+        ValueError: on a missing column, a sequence outside :data:`HAND_SEQUENCES` or a path named twice,
+            naming the line.
     """
     with Path(path).open(newline="") as f:
         reader = csv.DictReader(f)
@@ -424,7 +425,11 @@ def read_hand_labels(path: Path, sample: str | None = None) -> dict[str, str]:
         if missing:
             raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
         labels: dict[str, str] = {}
+        seen: dict[str, int] = {}
         for line, row in enumerate(reader, start=2):
+            if row["path"] in seen:
+                raise ValueError(f"{path} line {line}: {row['path']} is already labelled on line {seen[row['path']]}")
+            seen[row["path"]] = line
             if row["sequence"] not in HAND_SEQUENCES:
                 expected = ", ".join(HAND_SEQUENCES)
                 raise ValueError(

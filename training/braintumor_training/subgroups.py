@@ -1,12 +1,13 @@
 """Where the model works and where it does not: metrics per subgroup, with 95 % Wilson intervals.
 
-A subgroup is a source, an MRI sequence, a source and sequence, or a finding (for the folder dataset's
-Testing split: a class). For each, :func:`subgroup_rows` counts tumour sensitivity, specificity (where the
-subgroup holds normal slices), class accuracy and glioma-versus-meningioma accuracy (where the tumour type
-is one of the classes), each a proportion ``k / n`` with its Wilson score interval. Tumours whose type is
-not one of the classes or not given (``other_tumor``, ``tumor``) count only toward tumour sensitivity,
-never toward a class accuracy. :data:`TARGETS` are the issue's targets; :func:`check_targets` says which
-are met (on the point estimate; the interval is shown beside it).
+A subgroup is a source, an MRI sequence, a source and sequence, or a finding (for the folder dataset's Testing
+split: a class), and, for images whose sequence was read by eye where the manifest gives none, the source and
+that sequence (rows marked *(by eye)*). For each, :func:`subgroup_rows` counts tumour sensitivity, specificity
+(where the subgroup holds normal slices), class accuracy and glioma-versus-meningioma accuracy (where the
+tumour type is one of the classes), each a proportion ``k / n`` with its Wilson score interval. Tumours whose
+type is not one of the classes or not given (``other_tumor``, ``tumor``) count only toward tumour sensitivity,
+never toward a class accuracy. :data:`TARGETS` are the issue's targets; :func:`check_targets` says which are
+met (on the point estimate; the interval is shown beside it).
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ GROUPINGS: dict[str, Callable[[Subject], str | None]] = {
     "finding": lambda s: s.finding,
     "sequence_by_eye": lambda s: f"{s.source} / {s.by_eye} (by eye)" if s.by_eye else None,
 }
+#: Groupings whose rows are never marked ``same_as`` (and so never left out of tables and figures).
+ALWAYS_SHOWN: frozenset[str] = frozenset({"sequence_by_eye"})
 GROUPING_TITLES = {
     "all": "",
     "source": "source",
@@ -141,7 +144,8 @@ def subgroup_rows(
 
     A subgroup with exactly the images of an earlier row names that row in ``same_as`` (on the external
     data, for instance, ``feltrin / T1`` is ``sequence T1``, and ``tumor`` is ``source br35h``); tables and
-    figures leave such rows out.
+    figures leave such rows out, except those of :data:`ALWAYS_SHOWN`. A grouping that names no subgroup for
+    an image (``None``: no sequence read by eye) leaves it out of that grouping's rows.
 
     Args:
         probabilities: ``(n, classes)`` predicted probabilities, in the order of ``records``.
@@ -181,7 +185,8 @@ def subgroup_rows(
             member = names == name
             fingerprint = np.packbits(member).tobytes()
             label = row_label({"grouping": grouping, "subgroup": str(name)})
-            same_as = seen.setdefault(fingerprint, label)
+            # a row read by eye is always shown: it is what its reader looks for, whatever else it equals
+            same_as = label if grouping in ALWAYS_SHOWN else seen.setdefault(fingerprint, label)
             tumor, normal = member & ~is_normal, member & is_normal
             counted, pair = member & typed, member & two_types
             rows.append(

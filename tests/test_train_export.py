@@ -128,6 +128,14 @@ def test_sequences_read_by_eye_are_reported_beside_a_second_version(run_dir, dat
     assert [r["subgroup"] for r in compared] == [r["subgroup"] for r in result["sets"]["external_test"]["subgroups"]]
     report = (out / "subgroups.md").read_text()
     assert "(by eye)" in report and "(v1)" in report and "(v2)" in report
+    # every missed tumour and false alarm of version 2 is listed, as many as its subgroup row counts
+    every = next(r for r in result["sets"]["external_test"]["subgroups"] if r["grouping"] == "all")
+    kinds = [f["kind"] for f in result["failures"]]
+    sensitivity, specificity = every["tumor_sensitivity"], every["specificity"]
+    assert kinds.count("missed tumour") == sensitivity["n"] - sensitivity["k"]
+    assert kinds.count("false alarm") == specificity["n"] - specificity["k"]
+    assert "## Missed tumours and false alarms of version 2" in report
+    assert (out / "failures.png").exists() == bool(kinds)
     # --card: the rows go into the version's model card, once however often it is run
     repository = tmp_path / "repository"
     copy_repository(repository, keep=(1, 2))

@@ -36,6 +36,7 @@ from braintumor.model_repository import MODEL_FILE, PREPROCESSING_FILE
 from braintumor.preprocessing import Preprocessing
 from braintumor_training.dataset import TEST_SPLIT, ImageRecord, load_arrays, scan_dataset
 from braintumor_training.external import ManifestRecord, read_manifest, with_sequences_by_eye
+from braintumor_training.failures import failure_rows, failure_sheet, failure_summary, render_failures
 from braintumor_training.metrics import calibrated, classification_metrics, fit_temperature
 from braintumor_training.model import tta_logits
 from braintumor_training.model_card import CARD_FILE, set_section
@@ -382,6 +383,7 @@ def score_version(
     version_dir: Path,
     sets: dict[str, tuple[Path, list[ImageRecord | ManifestRecord]]],
     pixels: dict[str, np.ndarray] | None = None,
+    probabilities_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score image sets with a published version's ONNX model, through its own preprocessing.
 
@@ -390,6 +392,7 @@ def score_version(
         sets: by name (``test``, ``test_leak_free``, ``external_test``, ...): the data root (``/`` for
             manifest records, whose paths are absolute) and the records.
         pixels: already preprocessed pixels of some sets, made with this version's preprocessing.
+        probabilities_out: when given, each set's served probabilities are put in it by name.
 
     Returns:
         :func:`~braintumor_training.subgroups.score_set` of each set, with the version's served (calibrated)
@@ -406,6 +409,8 @@ def score_version(
             [session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + ONNX_BATCH]})[0] for i in range(0, len(x), ONNX_BATCH)]
         )
         scored[name] = score_set(probabilities, _labels(records), records, external=name.startswith("external"))
+        if probabilities_out is not None:
+            probabilities_out[name] = probabilities
     return scored
 
 
@@ -423,8 +428,9 @@ def evaluate_published(
 ) -> dict[str, Any]:
     """Subgroups of a published version on a run's external test part (and on Testing): a report in ``out``.
 
-    Writes ``subgroups.json`` (summaries and subgroup rows, no per-image data), ``subgroups.md`` and the
-    forest plot ``subgroups.png``.
+    Writes ``subgroups.json`` (summaries, subgroup rows and the version's missed tumours and false alarms on
+    the external test part), ``subgroups.md``, the forest plot ``subgroups.png`` and the contact sheet of
+    those images ``failures.png`` (:mod:`braintumor_training.failures`).
 
     Args:
         version: the published version.
@@ -471,10 +477,13 @@ def evaluate_published(
     by_model = {}
     if compare_version is not None:
         by_model[f"v{compare_version}"] = score_version(Path(repository) / model_name / str(compare_version), sets)
-    scored = score_version(version_dir, sets)
+    served: dict[str, np.ndarray] = {}
+    scored = score_version(version_dir, sets, probabilities_out=served)
     model = f"v{version}"
     by_model[model] = scored
     by_eye = sum(1 for r in external if r.sequence_by_eye)
+    groups = json.loads(Path(split_file).read_text()).get("groups", {})
+    wrong = failure_rows(served["external_test"], external, groups)
     result = {
         "model": f"{model_name} version {version}",
         "version": version,
@@ -491,6 +500,7 @@ def evaluate_published(
         "preprocessing": version_preprocessing(version_dir).to_dict(),
         "sets": {name: compact(m) for name, m in scored.items()},
         "targets": check_targets(scored),
+        "failures": [{**r, "path": _shown(r["path"])} for r in wrong],
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -521,6 +531,18 @@ def evaluate_published(
             "",
         ]
     lines += subgroup_sections(by_model, result["targets"], "subgroups.png")
+    sheet = failure_sheet(wrong, out / "failures.png")
+    lines += [
+        f"## Missed tumours and false alarms of version {version} (external test part)",
+        "",
+        failure_summary(wrong, external, groups)
+        + " A group holds neighbouring slices and reprocessed copies of one image (the split's grouping): "
+        "several missed slices of one group may be one missed lesion. Numbered as on the sheet.",
+        "",
+        *render_failures(wrong, Path(manifest_dir).resolve()),
+        "",
+        *([f"![missed tumours and false alarms]({sheet.name})", ""] if sheet else []),
+    ]
     (out / "subgroups.md").write_text("\n".join(lines))
     if card:
         by_eye_rows = {

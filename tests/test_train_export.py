@@ -87,6 +87,11 @@ def test_evaluation_judges_the_external_test_part_by_subgroup(run_dir):
     assert comparison["sets"]["external_test"]["n_images"] == metrics["external_test"]["n_images"]
     report = (run_dir / "evaluation" / "report.md").read_text()
     assert "## Subgroups" in report and "### external test part" in report and "(v2)" in report
+    every = next(r for r in metrics["external_test"]["subgroups"] if r["grouping"] == "all")
+    missed = [f for f in metrics["failures"]["rows"] if f["kind"] == "missed tumour"]
+    assert len(missed) == every["tumor_sensitivity"]["n"] - every["tumor_sensitivity"]["k"]
+    assert "## Missed tumours and false alarms of this run" in report and metrics["failures"]["summary"] in report
+    assert (run_dir / "evaluation" / "failures.png").exists() == bool(metrics["failures"]["rows"])
 
 
 def test_a_published_version_is_judged_on_a_runs_external_test_part(run_dir, data, tmp_path):

@@ -299,6 +299,31 @@ BY_EYE_NOTE = (
 )
 
 
+#: The contact sheet of the missed tumours and false alarms beside a report.
+FAILURES_SHEET = "failures.png"
+
+
+def failure_section(model: str, rows: list[dict[str, Any]], summary: str, sheet: Path | None) -> list[str]:
+    """Markdown: a model's missed tumours and false alarms on the external test part, and their sheet.
+
+    Args:
+        model: how the report names the model (``version 6``, ``this run``).
+        rows: :func:`~braintumor_training.failures.failure_rows`, paths as shown.
+        summary: :func:`~braintumor_training.failures.failure_summary` of them.
+        sheet: the contact sheet beside the report, or ``None`` when there is nothing to show.
+    """
+    return [
+        f"## Missed tumours and false alarms of {model} (external test part)",
+        "",
+        summary + " A group holds neighbouring slices and reprocessed copies of one image (the split's "
+        "grouping): several missed slices of one group may be one missed lesion. Numbered as on the sheet.",
+        "",
+        *render_failures(rows),
+        "",
+        *([f"![missed tumours and false alarms]({sheet.name})", ""] if sheet else []),
+    ]
+
+
 def render_report(metrics: dict[str, Any]) -> str:
     """The evaluation report in Markdown."""
     fit = metrics.get("temperature_fit")
@@ -358,6 +383,9 @@ def render_report(metrics: dict[str, Any]) -> str:
         if metrics.get("sequences_by_eye"):
             lines += [BY_EYE_NOTE.format(csv=metrics["sequences_by_eye"]), ""]
         lines += subgroup_sections(sets_by_model, metrics["targets"], "subgroups.png")
+    if "failures" in metrics:
+        sheet = Path(FAILURES_SHEET) if metrics["failures"]["rows"] else None
+        lines += failure_section("this run", metrics["failures"]["rows"], metrics["failures"]["summary"], sheet)
     return "\n".join(lines)
 
 
@@ -531,18 +559,8 @@ def evaluate_published(
             "",
         ]
     lines += subgroup_sections(by_model, result["targets"], "subgroups.png")
-    sheet = failure_sheet(wrong, out / "failures.png")
-    lines += [
-        f"## Missed tumours and false alarms of version {version} (external test part)",
-        "",
-        failure_summary(wrong, external, groups)
-        + " A group holds neighbouring slices and reprocessed copies of one image (the split's grouping): "
-        "several missed slices of one group may be one missed lesion. Numbered as on the sheet.",
-        "",
-        *render_failures(wrong, Path(manifest_dir).resolve()),
-        "",
-        *([f"![missed tumours and false alarms]({sheet.name})", ""] if sheet else []),
-    ]
+    sheet = failure_sheet(wrong, out / FAILURES_SHEET)
+    lines += failure_section(f"version {version}", result["failures"], failure_summary(wrong, external, groups), sheet)
     (out / "subgroups.md").write_text("\n".join(lines))
     if card:
         by_eye_rows = {
@@ -628,12 +646,20 @@ def evaluate_run(
         "tta": tta,
         "sequences_by_eye": _shown(sequences_by_eye) if sequences_by_eye is not None else None,
     }
+    wrong: list[dict[str, Any]] = []
     for name in logits:
         probabilities = calibrated(logits[name], temperature)
         if name in SUBGROUP_SETS:
             metrics[name] = score_set(probabilities, labels[name], records[name], external=name.startswith("external"))
         else:
             metrics[name] = classification_metrics(probabilities, labels[name])
+        if name == "external_test":
+            groups = json.loads((run_dir / EXTERNAL_SPLIT_FILE).read_text()).get("groups", {})
+            wrong = failure_rows(probabilities, records[name], groups)
+            metrics["failures"] = {
+                "summary": failure_summary(wrong, records[name], groups),
+                "rows": [{**r, "path": _shown(r["path"])} for r in wrong],
+            }
     metrics["test_uncalibrated"] = classification_metrics(calibrated(logits["test"], 1.0), labels["test"])
     metrics["targets"] = check_targets(metrics)
     if compare_version is not None:
@@ -668,5 +694,6 @@ def evaluate_run(
     sets_by_model["this run"] = {name: metrics[name] for name in SUBGROUP_SETS if name in metrics}
     plot_forest(sets_by_model, out / "subgroups.png", f"{run_dir.name}: tumour sensitivity and specificity by subgroup")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    failure_sheet(wrong, out / FAILURES_SHEET)
     (out / "report.md").write_text(render_report(metrics))
     return metrics

@@ -110,7 +110,9 @@ def render_failures(rows: Sequence[Mapping[str, Any]], root: Path | None = None)
 
 
 def failure_sheet(rows: Sequence[Mapping[str, Any]], out: Path, columns: int = 6, tile: int = 200) -> Path | None:
-    """A numbered contact sheet of the rows' images (as :func:`render_failures` numbers them); ``None`` if none.
+    """A numbered contact sheet of the rows' images (as :func:`render_failures` numbers them).
+
+    With no rows it writes nothing, removes an earlier sheet at ``out`` and returns ``None``.
 
     Args:
         rows: :func:`failure_rows`.
@@ -119,6 +121,7 @@ def failure_sheet(rows: Sequence[Mapping[str, Any]], out: Path, columns: int = 6
         tile: side of a tile in pixels.
     """
     if not rows:
+        Path(out).unlink(missing_ok=True)
         return None
     from braintumor_training.sequences import contact_sheet
 

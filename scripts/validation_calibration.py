@@ -15,29 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from braintumor_training.dataset import load_arrays
-from braintumor_training.evaluate import external_sets, load_classifier, load_run, run_sets
+from braintumor_training.evaluate import validation_logits
 from braintumor_training.metrics import calibrated, classification_metrics, fit_temperature, partial_label_metrics
-from braintumor_training.train import run_preprocessing
 
 SETS = ("validation", "external_val")
-
-
-def validation_logits(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """A run's logits and labels on the Kaggle validation images and the external validation part."""
-    config, audit = load_run(run_dir)
-    data_dir = Path(config["data_dir"])
-    records = {
-        "validation": run_sets(data_dir, audit)["validation"],
-        "external_val": external_sets(run_dir, config)["external_val"],
-    }
-    model, preprocessing = load_classifier(run_dir), run_preprocessing(config)
-    logits, labels = {}, {}
-    for name, chosen in records.items():
-        root = Path("/") if name == "external_val" else data_dir
-        pixels, labels[name] = load_arrays(root, chosen, preprocessing=preprocessing)
-        logits[name] = model.predict(pixels.astype(np.float32), batch_size=64, verbose=0)
-    return logits, labels
 
 
 def main() -> None:

@@ -18,10 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from braintumor.config import LABELS
-from braintumor_training.dataset import load_arrays
-from braintumor_training.evaluate import external_sets, load_classifier, load_run, run_sets
+from braintumor_training.evaluate import validation_logits
 from braintumor_training.metrics import calibrated, fit_temperature
-from braintumor_training.train import run_preprocessing
 
 NO_TUMOR = LABELS.index("notumor")
 SETS = ("validation", "external_val")
@@ -29,19 +27,7 @@ SETS = ("validation", "external_val")
 
 def validation_probabilities(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """A run's calibrated probabilities and labels on the Kaggle validation images and the external validation part."""
-    config, audit = load_run(run_dir)
-    data_dir = Path(config["data_dir"])
-    records = {
-        "validation": run_sets(data_dir, audit)["validation"],
-        "external_val": external_sets(run_dir, config)["external_val"],
-    }
-    model, preprocessing = load_classifier(run_dir), run_preprocessing(config)
-    logits, labels = {}, {}
-    for name, chosen in records.items():
-        pixels, labels[name] = load_arrays(
-            Path("/") if name == "external_val" else data_dir, chosen, preprocessing=preprocessing
-        )
-        logits[name] = model.predict(pixels.astype(np.float32), batch_size=64, verbose=0)
+    logits, labels = validation_logits(run_dir)
     temperature = fit_temperature(np.concatenate([logits[n] for n in SETS]), np.concatenate([labels[n] for n in SETS]))
     return {n: calibrated(logits[n], temperature) for n in SETS}, labels
 

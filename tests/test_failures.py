@@ -43,7 +43,7 @@ def cases(tmp_path):
 
 def test_each_missed_tumour_and_false_alarm_is_listed_with_its_group(cases, tmp_path):
     p, records, groups = cases
-    rows = failure_rows(p, records, groups)
+    rows = failure_rows(p, records, groups, root=tmp_path)
     assert [(r["kind"], r["group"]) for r in rows] == [
         ("missed tumour", 2),  # lowest tumour probability first
         ("missed tumour", 1),
@@ -57,13 +57,16 @@ def test_each_missed_tumour_and_false_alarm_is_listed_with_its_group(cases, tmp_
         "3 missed tumours of 4 tumour slices, in 2 of their 2 groups of near duplicates; "
         "2 false alarms of 3 normal slices, in 1 of their 2 groups of near duplicates."
     )
-    table = render_failures(rows, tmp_path)
+    table = render_failures(rows)
     assert (
         len(table) == 2 + len(rows)
         and "| 1 | missed tumour | src | unknown | tumor | 2 | 0.100 | `images/2.png` |" in table
     )
-    sheet = failure_sheet(rows, tmp_path / "failures.png", columns=3, tile=50)
+    assert render_failures([]) == ["None."]
+    sheet = failure_sheet(rows, tmp_path / "failures.png", root=tmp_path, columns=3, tile=50)
     assert Image.open(sheet).size == (150, 100)  # 5 tiles, 3 a row
     assert failure_sheet([], sheet) is None and not sheet.exists()  # an earlier sheet does not outlive its rows
     with pytest.raises(ValueError, match="4 probabilities for 7 records"):
         failure_rows(p[:4], records, groups)
+    with pytest.raises(ValueError, match="1 images have no group of near duplicates"):
+        failure_rows(p, records, {k: v for k, v in groups.items() if not k.endswith("/6.png")})

@@ -304,6 +304,10 @@ def test_export_int8_publishes_int8_beside_fp32_and_refuses_bad_settings(tmp_pat
     run = tmp_path / "runs" / "tiny"
     assert cli(["train", "--data", str(data), "--out", str(run), "--epochs", "2", "--image-size", str(SIZE)]) == 0
     assert cli(["evaluate", str(run)]) == 0
+    # no external data: no failure listing, and the report still renders
+    assert "failures" not in json.loads((run / "evaluation" / "metrics.json").read_text())
+    assert not (run / "evaluation" / "failures.png").exists()
+    assert "Missed tumours" not in (run / "evaluation" / "report.md").read_text()
     repo, tfs = tmp_path / "model_repository", tmp_path / "tfs"
     gate = QualityGate(0, 0, 0)
     with pytest.raises(ExportError, match=r"calibration images must be > 0.*nothing was published"):

@@ -88,8 +88,10 @@ def test_evaluation_judges_the_external_test_part_by_subgroup(run_dir):
     report = (run_dir / "evaluation" / "report.md").read_text()
     assert "## Subgroups" in report and "### external test part" in report and "(v2)" in report
     every = next(r for r in metrics["external_test"]["subgroups"] if r["grouping"] == "all")
-    missed = [f for f in metrics["failures"]["rows"] if f["kind"] == "missed tumour"]
-    assert len(missed) == every["tumor_sensitivity"]["n"] - every["tumor_sensitivity"]["k"]
+    kinds = [f["kind"] for f in metrics["failures"]["rows"]]
+    assert kinds.count("missed tumour") == every["tumor_sensitivity"]["n"] - every["tumor_sensitivity"]["k"]
+    assert kinds.count("false alarm") == every["specificity"]["n"] - every["specificity"]["k"]
+    assert all(not Path(f["path"]).is_absolute() for f in metrics["failures"]["rows"])  # relative to the manifest
     assert "## Missed tumours and false alarms of this run" in report and metrics["failures"]["summary"] in report
     assert (run_dir / "evaluation" / "failures.png").exists() == bool(metrics["failures"]["rows"])
 
@@ -135,7 +137,7 @@ def test_sequences_read_by_eye_are_reported_beside_a_second_version(run_dir, dat
     assert "(by eye)" in report and "(v1)" in report and "(v2)" in report
     # every missed tumour and false alarm of version 2 is listed, as many as its subgroup row counts
     every = next(r for r in result["sets"]["external_test"]["subgroups"] if r["grouping"] == "all")
-    kinds = [f["kind"] for f in result["failures"]]
+    kinds = [f["kind"] for f in result["failures"]["rows"]]
     sensitivity, specificity = every["tumor_sensitivity"], every["specificity"]
     assert kinds.count("missed tumour") == sensitivity["n"] - sensitivity["k"]
     assert kinds.count("false alarm") == specificity["n"] - specificity["k"]

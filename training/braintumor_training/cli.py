@@ -154,7 +154,8 @@ def _cmd_evaluate_version(args: argparse.Namespace) -> int:
         print(f"braintumor evaluate: {err}", file=sys.stderr)
         return 2
     print("\n".join(render_targets(result["targets"])))
-    print(f"Wrote {out}/subgroups.md, subgroups.png and subgroups.json")
+    sheet = " and failures.png (its missed tumours and false alarms)" if (out / "failures.png").exists() else ""
+    print(f"Wrote {out}/subgroups.md, subgroups.png, subgroups.json{sheet}")
     if args.card:
         print(f"and the section 'Sequences read by eye' of version {args.version}'s model card")
     return 0

@@ -133,6 +133,33 @@ def external_sets(
     )
 
 
+def validation_logits(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A run's logits and labels on its validation sets: ``validation`` (Kaggle) and ``external_val``.
+
+    Each through the run's own preprocessing and ``best.keras``, before any temperature; no test image is
+    read. For exploratory checks on validation (``scripts/validation_*.py``).
+
+    Args:
+        run_dir: a run trained with ``--external``.
+
+    Raises:
+        EvaluationError: when the run has no external validation part.
+    """
+    config, audit = load_run(Path(run_dir))
+    data_dir = Path(config["data_dir"])
+    external = external_sets(Path(run_dir), config)
+    if "external_val" not in external:
+        raise EvaluationError(f"{run_dir} was trained without a manifest dataset (--external)")
+    records = {"validation": run_sets(data_dir, audit)["validation"], "external_val": external["external_val"]}
+    model, preprocessing = load_classifier(Path(run_dir)), run_preprocessing(config)
+    logits, labels = {}, {}
+    for name, chosen in records.items():
+        root = Path("/") if name == "external_val" else data_dir
+        pixels, labels[name] = load_arrays(root, chosen, preprocessing=preprocessing)
+        logits[name] = model.predict(pixels.astype(np.float32), batch_size=64, verbose=0)
+    return logits, labels
+
+
 def load_classifier(run_dir: Path) -> keras.Model:
     """Load a run's best checkpoint."""
     path = run_dir / BEST_CHECKPOINT
@@ -303,22 +330,52 @@ BY_EYE_NOTE = (
 FAILURES_SHEET = "failures.png"
 
 
-def failure_section(model: str, rows: list[dict[str, Any]], summary: str, sheet: Path | None) -> list[str]:
+def external_failures(
+    probabilities: np.ndarray, records: list[ManifestRecord], split_file: Path, manifest_dir: Path
+) -> dict[str, Any]:
+    """A model's missed tumours and false alarms on an external part, with their groups of near duplicates.
+
+    Args:
+        probabilities: the served (calibrated) probabilities of ``records``.
+        records: the external part.
+        split_file: the run's ``external_split.json`` (its ``groups``).
+        manifest_dir: the manifest dataset's folder; the rows' paths are relative to it.
+
+    Returns:
+        ``{"manifest": folder as shown, "summary": sentence, "rows": failure rows}``
+        (:mod:`braintumor_training.failures`).
+
+    Raises:
+        EvaluationError: when the split file has no groups, or none for an image of ``records``.
+    """
+    groups = json.loads(Path(split_file).read_text()).get("groups")
+    if not groups:
+        raise EvaluationError(f"{split_file} has no groups of near duplicates: split it again with this version")
+    root = Path(manifest_dir).resolve()
+    try:
+        rows = failure_rows(probabilities, records, groups, root=root)
+    except ValueError as err:
+        raise EvaluationError(f"{split_file}: {err}") from err
+    return {"manifest": _shown(root), "summary": failure_summary(rows, records, groups), "rows": rows}
+
+
+def failure_section(model: str, failures: dict[str, Any], sheet: Path | None) -> list[str]:
     """Markdown: a model's missed tumours and false alarms on the external test part, and their sheet.
 
     Args:
         model: how the report names the model (``version 6``, ``this run``).
-        rows: :func:`~braintumor_training.failures.failure_rows`, paths as shown.
-        summary: :func:`~braintumor_training.failures.failure_summary` of them.
+        failures: :func:`external_failures`.
         sheet: the contact sheet beside the report, or ``None`` when there is nothing to show.
     """
     return [
         f"## Missed tumours and false alarms of {model} (external test part)",
         "",
-        summary + " A group holds neighbouring slices and reprocessed copies of one image (the split's "
-        "grouping): several missed slices of one group may be one missed lesion. Numbered as on the sheet.",
+        failures["summary"] + " A group holds images near-identical by perceptual hash (reprocessed copies, "
+        "neighbouring slices that look alike): several missed slices of one group may be one missed lesion, "
+        "while slices of one case that look different fall in different groups. Paths are relative to "
+        f"`{failures['manifest']}`, numbered as on the sheet.",
         "",
-        *render_failures(rows),
+        *render_failures(failures["rows"]),
         "",
         *([f"![missed tumours and false alarms]({sheet.name})", ""] if sheet else []),
     ]
@@ -385,7 +442,7 @@ def render_report(metrics: dict[str, Any]) -> str:
         lines += subgroup_sections(sets_by_model, metrics["targets"], "subgroups.png")
     if "failures" in metrics:
         sheet = Path(FAILURES_SHEET) if metrics["failures"]["rows"] else None
-        lines += failure_section("this run", metrics["failures"]["rows"], metrics["failures"]["summary"], sheet)
+        lines += failure_section("this run", metrics["failures"], sheet)
     return "\n".join(lines)
 
 
@@ -510,8 +567,7 @@ def evaluate_published(
     model = f"v{version}"
     by_model[model] = scored
     by_eye = sum(1 for r in external if r.sequence_by_eye)
-    groups = json.loads(Path(split_file).read_text()).get("groups", {})
-    wrong = failure_rows(served["external_test"], external, groups)
+    failures = external_failures(served["external_test"], external, split_file, manifest_dir)
     result = {
         "model": f"{model_name} version {version}",
         "version": version,
@@ -528,7 +584,7 @@ def evaluate_published(
         "preprocessing": version_preprocessing(version_dir).to_dict(),
         "sets": {name: compact(m) for name, m in scored.items()},
         "targets": check_targets(scored),
-        "failures": [{**r, "path": _shown(r["path"])} for r in wrong],
+        "failures": failures,
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -559,8 +615,8 @@ def evaluate_published(
             "",
         ]
     lines += subgroup_sections(by_model, result["targets"], "subgroups.png")
-    sheet = failure_sheet(wrong, out / FAILURES_SHEET)
-    lines += failure_section(f"version {version}", result["failures"], failure_summary(wrong, external, groups), sheet)
+    sheet = failure_sheet(failures["rows"], out / FAILURES_SHEET, root=manifest_dir)
+    lines += failure_section(f"version {version}", failures, sheet)
     (out / "subgroups.md").write_text("\n".join(lines))
     if card:
         by_eye_rows = {
@@ -593,6 +649,10 @@ def evaluate_run(
     sequences_by_eye: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's best checkpoint; writes and returns ``evaluation/metrics.json``.
+
+    Also writes ``report.md`` and its figures in ``evaluation/``; for a run with an external test part, its
+    missed tumours and false alarms there (``failures`` in the metrics, a report section, ``failures.png``;
+    :func:`external_failures`).
 
     Args:
         run_dir: the training run folder.
@@ -646,7 +706,6 @@ def evaluate_run(
         "tta": tta,
         "sequences_by_eye": _shown(sequences_by_eye) if sequences_by_eye is not None else None,
     }
-    wrong: list[dict[str, Any]] = []
     for name in logits:
         probabilities = calibrated(logits[name], temperature)
         if name in SUBGROUP_SETS:
@@ -654,12 +713,9 @@ def evaluate_run(
         else:
             metrics[name] = classification_metrics(probabilities, labels[name])
         if name == "external_test":
-            groups = json.loads((run_dir / EXTERNAL_SPLIT_FILE).read_text()).get("groups", {})
-            wrong = failure_rows(probabilities, records[name], groups)
-            metrics["failures"] = {
-                "summary": failure_summary(wrong, records[name], groups),
-                "rows": [{**r, "path": _shown(r["path"])} for r in wrong],
-            }
+            metrics["failures"] = external_failures(
+                probabilities, records[name], run_dir / EXTERNAL_SPLIT_FILE, Path(config["external"])
+            )
     metrics["test_uncalibrated"] = classification_metrics(calibrated(logits["test"], 1.0), labels["test"])
     metrics["targets"] = check_targets(metrics)
     if compare_version is not None:
@@ -694,6 +750,8 @@ def evaluate_run(
     sets_by_model["this run"] = {name: metrics[name] for name in SUBGROUP_SETS if name in metrics}
     plot_forest(sets_by_model, out / "subgroups.png", f"{run_dir.name}: tumour sensitivity and specificity by subgroup")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    failure_sheet(wrong, out / FAILURES_SHEET)
+    failure_sheet(
+        metrics.get("failures", {}).get("rows", []), out / FAILURES_SHEET, root=config.get("external") or None
+    )
     (out / "report.md").write_text(render_report(metrics))
     return metrics

@@ -28,6 +28,8 @@ from braintumor_training.metrics import (
     partial_label_metrics,
 )
 
+#: A tumour is called when its tumour probability (1 − p(notumor)) is at least this, as served.
+TUMOR_THRESHOLD = 0.5
 #: Two-sided 95 % standard normal quantile.
 Z95 = 1.959963984540054
 #: Source name given to the folder dataset's images (which name no source or sequence).
@@ -138,7 +140,7 @@ def subgroup_rows(
     records: Sequence[Any],
     groupings: Sequence[str] = EXTERNAL_GROUPINGS,
     accuracy_classes: Sequence[str] = EXTERNAL_ACCURACY_CLASSES,
-    tumor_threshold: float = 0.5,
+    tumor_threshold: float = TUMOR_THRESHOLD,
 ) -> list[dict[str, Any]]:
     """One row of counts and proportions for each subgroup of ``records``.
 

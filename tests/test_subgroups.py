@@ -43,8 +43,17 @@ def record(source: str, sequence: str, finding: str, i: int) -> ManifestRecord:
     return ManifestRecord(f"/x/{source}_{sequence}_{finding}_{i}.jpg", source, sequence, finding)
 
 
+def labels_of(records: list[ManifestRecord]) -> np.ndarray:
+    return np.array([-1 if r.label_index is None else r.label_index for r in records])
+
+
 @pytest.fixture
 def external() -> tuple[np.ndarray, list[ManifestRecord]]:
+    """12 hand-made slices, each with what the model said of it."""
+    return external_fixture()
+
+
+def external_fixture() -> tuple[np.ndarray, list[ManifestRecord]]:
     """12 hand-made slices, each with what the model said of it."""
     cases = [
         # source, sequence, finding, predicted class
@@ -167,6 +176,38 @@ def test_the_card_says_what_it_knows_of_flair(external):
     )
     labelled = [replace(r, sequence="FLAIR") if r.sequence == "T2" else r for r in records]
     assert _flair_sentence(subgroup_rows(p, labelled)).startswith(" On FLAIR slices: 1/4: 0.250")
+
+
+def test_resampling_groups_widens_the_interval_as_far_as_near_duplicates_agree():
+    from dataclasses import replace
+
+    from braintumor_training.subgroups import group_interval
+
+    hits = np.array([True] * 90 + [False] * 10)
+    alone = group_interval(hits, np.arange(100))  # every image its own group: about Wilson's interval
+    wilson = wilson_interval(90, 100)
+    assert alone[0] == pytest.approx(wilson[0], abs=0.005) and alone[1] == pytest.approx(wilson[1], abs=0.005)
+    # ten copies of each of 10 images, passing or failing together: as wide as Wilson's over 10 images
+    copies = group_interval(hits, np.arange(100) // 10)
+    assert copies == pytest.approx(wilson_interval(9, 10), abs=0.02) and copies[1] - copies[0] > 2 * (
+        alone[1] - alone[0]
+    )
+    mixed = group_interval(hits, np.arange(100) % 10)  # groups that mix passes and failures alike: no wider
+    assert mixed[1] - mixed[0] <= alone[1] - alone[0] + 1e-9
+    assert group_interval(np.ones(5, bool), np.zeros(5)) == wilson_interval(5, 5)  # nothing to tell groups by
+    with pytest.raises(ValueError, match="as many groups as images"):
+        group_interval(hits, np.arange(10))
+
+    p, records = external_fixture()
+    plain = subgroup_rows(p, records)
+    assert all("group_low" not in (r["tumor_sensitivity"] or {}) for r in plain)  # groups unknown: Wilson only
+    grouped = [replace(r, group=k // 2) for k, r in enumerate(records)]
+    every = find_row(subgroup_rows(p, grouped), "all", "all")["tumor_sensitivity"]
+    assert every["group_low"] <= every["value"] <= every["group_high"]
+    targets = check_targets({"external_test": score_set(p, labels_of(grouped), grouped, external=True)})
+    sensitivity = next(t for t in targets if t["name"].endswith("on T2"))
+    assert sensitivity["group_interval"] is not None
+    assert "near duplicates as clusters" in "\n".join(render_targets(targets))
 
 
 def test_folder_records_are_judged_per_class_on_all_four_classes():

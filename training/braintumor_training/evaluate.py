@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,8 @@ def external_parts(
     """
     if not Path(split_file).exists():
         raise EvaluationError(f"{split_file} not found: the run's split of its external dataset is needed")
-    split = json.loads(Path(split_file).read_text())["parts"]
+    written = json.loads(Path(split_file).read_text())
+    split, groups = written["parts"], written.get("groups", {})
     records = read_manifest(Path(manifest_dir), check_images=False)
     if not any(r.path in split for r in records):
         raise EvaluationError(f"{split_file} names none of the images of {manifest_dir} (moved since training?)")
@@ -113,6 +115,7 @@ def external_parts(
                 f"sequences by eye: {sequences_by_eye}: none of its images is in the {' or '.join(parts)} part "
                 f"of {split_file} (another split?)"
             )
+    records = [replace(r, group=groups.get(r.path)) for r in records]  # intervals that resample groups
     return {f"external_{part}": [r for r in records if split.get(r.path) == part] for part in parts}
 
 

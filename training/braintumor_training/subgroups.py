@@ -71,6 +71,41 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
+def group_interval(hits: np.ndarray, groups: np.ndarray, z: float = Z95) -> tuple[float, float]:
+    """95 % Wilson interval of a proportion over its effective number of images, given groups of near duplicates.
+
+    Near duplicates (neighbouring slices, reprocessed copies) are not independent: when they pass or fail
+    together, a Wilson interval over images is too narrow. The cluster-robust variance of the proportion
+    (groups as clusters) over the binomial one is the design effect (at least 1); the Wilson interval is
+    taken with the images divided by it. With every image its own group the design effect is n / (n − 1),
+    about 1; when whole groups pass or fail together it grows toward the group size. At a proportion of 0
+    or 1 no failure shows how groups vary, and the interval is Wilson's.
+
+    Args:
+        hits: ``(n,)`` booleans, one per counted image (a tumour found, a normal slice passed, ...).
+        groups: ``(n,)`` the group of each image.
+        z: standard normal quantile (1.96 for 95 %).
+
+    Returns:
+        ``(low, high)``, within [0, 1]; it always contains the proportion.
+    """
+    hits, groups = np.asarray(hits, bool), np.asarray(groups)
+    if len(hits) == 0 or len(hits) != len(groups):
+        raise ValueError(f"need as many groups as images, at least one: {len(hits)} images, {len(groups)} groups")
+    n, p = len(hits), float(hits.mean())
+    _, index = np.unique(groups, return_inverse=True)
+    successes, trials = np.bincount(index, weights=hits.astype(float)), np.bincount(index).astype(float)
+    clusters = len(trials)
+    if clusters < 2 or p in (0.0, 1.0):
+        return wilson_interval(int(hits.sum()), n, z)
+    robust = clusters / (clusters - 1) * float(((successes - p * trials) ** 2).sum()) / n**2
+    effective = n / max(1.0, robust / (p * (1 - p) / n))
+    denominator = 1.0 + z * z / effective
+    centre = (p + z * z / (2 * effective)) / denominator
+    half = z * math.sqrt(p * (1 - p) / effective + z * z / (4 * effective * effective)) / denominator
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+
+
 def proportion(k: int, n: int) -> dict[str, Any] | None:
     """``{"k", "n", "value", "low", "high"}`` with the 95 % Wilson interval, or ``None`` when ``n`` is 0.
 
@@ -93,18 +128,26 @@ class Subject:
         sequence: its MRI sequence (``unknown`` where not given).
         finding: its class, ``other_tumor`` or ``tumor``.
         by_eye: its sequence read by eye, where the manifest gives none and it was read (else ``""``).
+        group: its group of near duplicates, where known (else ``None``).
     """
 
     source: str
     sequence: str
     finding: str
     by_eye: str = ""
+    group: int | None = None
 
     @classmethod
     def of(cls, record: Any) -> Subject:
-        """From a manifest record (source, sequence, finding, sequence by eye) or a folder record (its label)."""
+        """From a manifest record (source, sequence, finding, sequence by eye, group) or a folder record."""
         if hasattr(record, "finding"):
-            return cls(record.source, record.sequence, record.finding, getattr(record, "sequence_by_eye", ""))
+            return cls(
+                record.source,
+                record.sequence,
+                record.finding,
+                getattr(record, "sequence_by_eye", ""),
+                getattr(record, "group", None),
+            )
         return cls(FOLDER_SOURCE, "unknown", record.label)
 
 
@@ -164,6 +207,8 @@ def subgroup_rows(
         ``specificity`` over normal slices, ``class_accuracy`` (top class among all four is the true one)
         over ``accuracy_classes``, ``glioma_vs_meningioma`` (the larger of the two is the true one) over
         gliomas and meningiomas; ``same_as``: the label of an earlier row with the same images, or ``None``.
+        Where every record knows its group of near duplicates (``group``), each proportion also holds
+        ``group_low`` and ``group_high``: :func:`group_interval`, the interval that counts groups as clusters.
     """
     probabilities = np.asarray(probabilities)
     if len(probabilities) != len(records):
@@ -177,6 +222,15 @@ def subgroup_rows(
     glioma, meningioma = LABELS.index("glioma"), LABELS.index("meningioma")
     two_types = np.isin(findings, ["glioma", "meningioma"])
     says_glioma = probabilities[:, glioma] >= probabilities[:, meningioma]
+    groups = np.array([-1 if s.group is None else s.group for s in subjects])
+    grouped = all(s.group is not None for s in subjects) and len(subjects) > 0
+
+    def cell(hits: np.ndarray, among: np.ndarray) -> dict[str, Any] | None:
+        """The proportion of ``hits`` among ``among``, with the interval over groups where they are known."""
+        counted = proportion(int((hits & among).sum()), int(among.sum()))
+        if counted and grouped:
+            counted["group_low"], counted["group_high"] = group_interval(hits[among], groups[among])
+        return counted
 
     rows: list[dict[str, Any]] = []
     seen: dict[bytes, str] = {}
@@ -199,12 +253,10 @@ def subgroup_rows(
                     "n_tumor": int(tumor.sum()),
                     "n_normal": int(normal.sum()),
                     "n_typed": int(counted.sum()),
-                    "tumor_sensitivity": proportion(int((called & tumor).sum()), int(tumor.sum())),
-                    "specificity": proportion(int((~called & normal).sum()), int(normal.sum())),
-                    "class_accuracy": proportion(int((predicted == findings)[counted].sum()), int(counted.sum())),
-                    "glioma_vs_meningioma": proportion(
-                        int((says_glioma == (findings == "glioma"))[pair].sum()), int(pair.sum())
-                    ),
+                    "tumor_sensitivity": cell(called, tumor),
+                    "specificity": cell(~called, normal),
+                    "class_accuracy": cell(predicted == findings, counted),
+                    "glioma_vs_meningioma": cell(says_glioma == (findings == "glioma"), pair),
                     "same_as": None if same_as == label else same_as,
                 }
             )
@@ -300,8 +352,9 @@ def check_targets(sets: Mapping[str, Any], targets: Sequence[Target] = TARGETS) 
     Returns:
         For each target whose set was evaluated: ``name``, ``set``, ``bound``, ``at_most``, ``value``,
         ``low``, ``high`` (the Wilson interval of a proportion, a seeded bootstrap interval of a calibration
-        error, ``None`` where not computed) and ``met`` (``None``
-        where the subgroup is absent).
+        error, ``None`` where not computed), ``group_interval`` (a proportion's interval counting groups of
+        near duplicates as clusters, ``[low, high]``, where the groups are known; else ``None``) and ``met``
+        (``None`` where the subgroup is absent).
     """
     results = []
     for target in targets:
@@ -309,11 +362,14 @@ def check_targets(sets: Mapping[str, Any], targets: Sequence[Target] = TARGETS) 
         if not isinstance(scored, Mapping) or "subgroups" not in scored:
             continue
         value = low = high = None
+        by_group = None
         if target.metric in PROPORTIONS:
             row = find_row(scored["subgroups"], target.grouping, target.subgroup)
             cell = row.get(target.metric) if row else None
             if cell:
                 value, low, high = cell["value"], cell["low"], cell["high"]
+                if "group_low" in cell:
+                    by_group = [cell["group_low"], cell["group_high"]]
         elif scored.get(target.metric) is not None and not math.isnan(scored[target.metric]):
             value = float(scored[target.metric])
             interval = scored.get(f"{target.metric}_interval")
@@ -329,6 +385,7 @@ def check_targets(sets: Mapping[str, Any], targets: Sequence[Target] = TARGETS) 
                 "value": value,
                 "low": low,
                 "high": high,
+                "group_interval": by_group,
                 "met": met,
             }
         )
@@ -360,7 +417,10 @@ def render_targets(results: Sequence[Mapping[str, Any]]) -> list[str]:
         if r["value"] is None:
             lines.append(f"- {r['name']} {sign} {r['bound']}: not measured (no such images)")
             continue
-        interval = f" (95 % CI {r['low']:.3f}–{r['high']:.3f})" if r["low"] is not None else ""
+        interval = f" (95 % CI {r['low']:.3f}–{r['high']:.3f}" if r["low"] is not None else ""
+        if interval:
+            by_group = r.get("group_interval")
+            interval += f"; near duplicates as clusters {by_group[0]:.3f}–{by_group[1]:.3f})" if by_group else ")"
         verdict = "met" if r["met"] else "**missed**"
         lines.append(f"- {r['name']} {sign} {r['bound']}: {r['value']:.4f}{interval}, {verdict}")
     return lines

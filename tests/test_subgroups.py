@@ -178,7 +178,7 @@ def test_the_card_says_what_it_knows_of_flair(external):
     assert _flair_sentence(subgroup_rows(p, labelled)).startswith(" On FLAIR slices: 1/4: 0.250")
 
 
-def test_resampling_groups_widens_the_interval_as_far_as_near_duplicates_agree():
+def test_counting_groups_as_clusters_widens_the_interval_as_far_as_near_duplicates_agree():
     from dataclasses import replace
 
     from braintumor_training.subgroups import group_interval
@@ -194,7 +194,9 @@ def test_resampling_groups_widens_the_interval_as_far_as_near_duplicates_agree()
     )
     mixed = group_interval(hits, np.arange(100) % 10)  # groups that mix passes and failures alike: no wider
     assert mixed[1] - mixed[0] <= alone[1] - alone[0] + 1e-9
-    assert group_interval(np.ones(5, bool), np.zeros(5)) == wilson_interval(5, 5)  # nothing to tell groups by
+    # no failure: every group is taken to agree within itself (one group of 5 counts as one image)
+    assert group_interval(np.ones(5, bool), np.zeros(5)) == pytest.approx(wilson_interval(1, 1))
+    assert group_interval(np.ones(100, bool), np.arange(100) // 10) == pytest.approx(wilson_interval(10, 10))
     with pytest.raises(ValueError, match="as many groups as images"):
         group_interval(hits, np.arange(10))
 

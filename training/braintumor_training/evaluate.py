@@ -115,7 +115,7 @@ def external_parts(
                 f"sequences by eye: {sequences_by_eye}: none of its images is in the {' or '.join(parts)} part "
                 f"of {split_file} (another split?)"
             )
-    records = [replace(r, group=groups.get(r.path)) for r in records]  # intervals that resample groups
+    records = [replace(r, group=groups.get(r.path)) for r in records]  # intervals that count groups as clusters
     return {f"external_{part}": [r for r in records if split.get(r.path) == part] for part in parts}
 
 

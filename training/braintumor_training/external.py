@@ -54,8 +54,8 @@ class ManifestRecord:
         detail: the source's own finer label (tumour type), or ``""``.
         sequence_by_eye: a sequence read by eye where the manifest gives none (evaluation only; see
             :func:`with_sequences_by_eye`), or ``""``.
-        group: its group of near duplicates in a run's split (evaluation only, for intervals that resample
-            groups), or ``None``.
+        group: its group of near duplicates in a run's split (evaluation only, for intervals that count
+            groups as clusters), or ``None``.
     """
 
     path: str

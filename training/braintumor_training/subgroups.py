@@ -75,11 +75,14 @@ def group_interval(hits: np.ndarray, groups: np.ndarray, z: float = Z95) -> tupl
     """95 % Wilson interval of a proportion over its effective number of images, given groups of near duplicates.
 
     Near duplicates (neighbouring slices, reprocessed copies) are not independent: when they pass or fail
-    together, a Wilson interval over images is too narrow. The cluster-robust variance of the proportion
-    (groups as clusters) over the binomial one is the design effect (at least 1); the Wilson interval is
-    taken with the images divided by it. With every image its own group the design effect is n / (n − 1),
-    about 1; when whole groups pass or fail together it grows toward the group size. At a proportion of 0
-    or 1 no failure shows how groups vary, and the interval is Wilson's.
+    together, a Wilson interval over images is too narrow. The cluster-robust (linearization) variance of
+    the proportion, groups as clusters, over the binomial one is the design effect (floored at 1); the Wilson
+    interval is taken with the image count divided by it (Korn and Graubard's effective sample size, without
+    their degrees-of-freedom correction). With every image its own group the design effect is about 1;
+    when whole groups pass or fail together it is about the size-weighted mean group size. At a proportion
+    of 0 or 1 nothing shows how groups vary, and every group is taken to agree within itself (effective
+    count ``n² / Σ size²``). Near 1 with one or two failing groups the variance rests on those few groups
+    and the interval stays too narrow when groups are strongly alike (simulated coverage about 0.9).
 
     Args:
         hits: ``(n,)`` booleans, one per counted image (a tumour found, a normal slice passed, ...).
@@ -96,10 +99,11 @@ def group_interval(hits: np.ndarray, groups: np.ndarray, z: float = Z95) -> tupl
     _, index = np.unique(groups, return_inverse=True)
     successes, trials = np.bincount(index, weights=hits.astype(float)), np.bincount(index).astype(float)
     clusters = len(trials)
-    if clusters < 2 or p in (0.0, 1.0):
-        return wilson_interval(int(hits.sum()), n, z)
-    robust = clusters / (clusters - 1) * float(((successes - p * trials) ** 2).sum()) / n**2
-    effective = n / max(1.0, robust / (p * (1 - p) / n))
+    if p in (0.0, 1.0) or clusters < 2:
+        effective = n * n / float((trials**2).sum())  # every group agrees within itself
+    else:
+        robust = clusters / (clusters - 1) * float(((successes - p * trials) ** 2).sum()) / n**2
+        effective = n / max(1.0, robust / (p * (1 - p) / n))
     denominator = 1.0 + z * z / effective
     centre = (p + z * z / (2 * effective)) / denominator
     half = z * math.sqrt(p * (1 - p) / effective + z * z / (4 * effective * effective)) / denominator

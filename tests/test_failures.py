@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -31,19 +33,18 @@ def cases(tmp_path):
         ("notumor", 0.7, 4),  # false alarm
         ("notumor", 0.5, 4),  # false alarm at the threshold: a tumour is called at >= 0.5
     ]
-    records, groups = [], {}
+    records = []
     for k, (finding, _, group) in enumerate(rows):
         path = tmp_path / f"images/{k}.png"
         path.parent.mkdir(exist_ok=True)
         Image.new("L", (40, 40), 30 * k).save(path)
-        records.append(ManifestRecord(str(path), "src", "T2" if k % 2 else "unknown", finding, ""))
-        groups[str(path)] = group
-    return np.array([probabilities(p) for _, p, _ in rows]), records, groups
+        records.append(ManifestRecord(str(path), "src", "T2" if k % 2 else "unknown", finding, "", group=group))
+    return np.array([probabilities(p) for _, p, _ in rows]), records
 
 
 def test_each_missed_tumour_and_false_alarm_is_listed_with_its_group(cases, tmp_path):
-    p, records, groups = cases
-    rows = failure_rows(p, records, groups, root=tmp_path)
+    p, records = cases
+    rows = failure_rows(p, records, root=tmp_path)
     assert [(r["kind"], r["group"]) for r in rows] == [
         ("missed tumour", 2),  # lowest tumour probability first
         ("missed tumour", 1),
@@ -52,7 +53,7 @@ def test_each_missed_tumour_and_false_alarm_is_listed_with_its_group(cases, tmp_
         ("false alarm", 4),
     ]
     assert [round(r["tumor_probability"], 3) for r in rows] == [0.1, 0.2, 0.4, 0.7, 0.5]
-    summary = failure_summary(rows, records, groups)
+    summary = failure_summary(rows, records)
     assert summary == (
         "3 missed tumours of 4 tumour slices, in 2 of their 2 groups of near duplicates; "
         "2 false alarms of 3 normal slices, in 1 of their 2 groups of near duplicates."
@@ -67,6 +68,6 @@ def test_each_missed_tumour_and_false_alarm_is_listed_with_its_group(cases, tmp_
     assert Image.open(sheet).size == (150, 100)  # 5 tiles, 3 a row
     assert failure_sheet([], sheet) is None and not sheet.exists()  # an earlier sheet does not outlive its rows
     with pytest.raises(ValueError, match="4 probabilities for 7 records"):
-        failure_rows(p[:4], records, groups)
+        failure_rows(p[:4], records)
     with pytest.raises(ValueError, match="1 images have no group of near duplicates"):
-        failure_rows(p, records, {k: v for k, v in groups.items() if not k.endswith("/6.png")})
+        failure_rows(p, [replace(r, group=None) if k == 6 else r for k, r in enumerate(records)])

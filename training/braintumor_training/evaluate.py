@@ -333,15 +333,12 @@ BY_EYE_NOTE = (
 FAILURES_SHEET = "failures.png"
 
 
-def external_failures(
-    probabilities: np.ndarray, records: list[ManifestRecord], split_file: Path, manifest_dir: Path
-) -> dict[str, Any]:
+def external_failures(probabilities: np.ndarray, records: list[ManifestRecord], manifest_dir: Path) -> dict[str, Any]:
     """A model's missed tumours and false alarms on an external part, with their groups of near duplicates.
 
     Args:
         probabilities: the served (calibrated) probabilities of ``records``.
-        records: the external part.
-        split_file: the run's ``external_split.json`` (its ``groups``).
+        records: the external part, as :func:`external_parts` gives it (each with its ``group``).
         manifest_dir: the manifest dataset's folder; the rows' paths are relative to it.
 
     Returns:
@@ -349,17 +346,14 @@ def external_failures(
         (:mod:`braintumor_training.failures`).
 
     Raises:
-        EvaluationError: when the split file has no groups, or none for an image of ``records``.
+        EvaluationError: when an image of ``records`` has no group (a split written without groups).
     """
-    groups = json.loads(Path(split_file).read_text()).get("groups")
-    if not groups:
-        raise EvaluationError(f"{split_file} has no groups of near duplicates: split it again with this version")
     root = Path(manifest_dir).resolve()
     try:
-        rows = failure_rows(probabilities, records, groups, root=root)
+        rows = failure_rows(probabilities, records, root=root)
     except ValueError as err:
-        raise EvaluationError(f"{split_file}: {err}") from err
-    return {"manifest": _shown(root), "summary": failure_summary(rows, records, groups), "rows": rows}
+        raise EvaluationError(f"{err}: split it again with this version") from err
+    return {"manifest": _shown(root), "summary": failure_summary(rows, records), "rows": rows}
 
 
 def failure_section(model: str, failures: dict[str, Any], sheet: Path | None) -> list[str]:
@@ -570,7 +564,7 @@ def evaluate_published(
     model = f"v{version}"
     by_model[model] = scored
     by_eye = sum(1 for r in external if r.sequence_by_eye)
-    failures = external_failures(served["external_test"], external, split_file, manifest_dir)
+    failures = external_failures(served["external_test"], external, manifest_dir)
     result = {
         "model": f"{model_name} version {version}",
         "version": version,
@@ -632,8 +626,7 @@ def evaluate_published(
             + f" --external-split {_shown(split_file)} --external {_shown(manifest_dir)}"
             + f" --sequences-by-eye {_shown(sequences_by_eye)} --card`: the {by_eye} slices of the external test "
             "part whose sequence was read by eye, as the manifest gives none for them (a hand label, not the "
-            "source's; the only FLAIR "
-            "labels). Tumour sensitivity with 95 % Wilson intervals"
+            "source's; the only FLAIR labels). Tumour sensitivity with 95 % Wilson intervals"
             + (f", version {compare_version} on the same images" if compare_version is not None else "")
             + f"; the whole report: `{_shown(out / 'subgroups.md')}`."
         )
@@ -716,9 +709,7 @@ def evaluate_run(
         else:
             metrics[name] = classification_metrics(probabilities, labels[name])
         if name == "external_test":
-            metrics["failures"] = external_failures(
-                probabilities, records[name], run_dir / EXTERNAL_SPLIT_FILE, Path(config["external"])
-            )
+            metrics["failures"] = external_failures(probabilities, records[name], Path(config["external"]))
     metrics["test_uncalibrated"] = classification_metrics(calibrated(logits["test"], 1.0), labels["test"])
     metrics["targets"] = check_targets(metrics)
     if compare_version is not None:

@@ -2,10 +2,10 @@
 
 A subgroup table says how often; this says which. Each missed tumour slice (tumour probability below the
 threshold) and each false alarm (a normal slice at or above it) of a manifest dataset's test part is listed
-with what is known of it and its group of near duplicates (the run's ``external_split.json``: images
-near-identical by perceptual hash, such as reprocessed copies and neighbouring slices that look alike), so
-that a reader sees that four missed slices may be one missed lesion, and a contact sheet shows them. Slices
-of one case that look different fall in different groups, so groups are not cases.
+with what is known of it and its group of near duplicates (``ManifestRecord.group``, from the run's
+``external_split.json``: images near-identical by perceptual hash, such as reprocessed copies and neighbouring
+slices that look alike), so that a reader sees that four missed slices may be one missed lesion, and a contact
+sheet shows them. Slices of one case that look different fall in different groups, so groups are not cases.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ KINDS: tuple[str, ...] = ("missed tumour", "false alarm")
 def failure_rows(
     probabilities: np.ndarray,
     records: Sequence[Any],
-    groups: Mapping[str, int],
     tumor_threshold: float = TUMOR_THRESHOLD,
     root: Path | None = None,
 ) -> list[dict[str, Any]]:
@@ -35,8 +34,7 @@ def failure_rows(
 
     Args:
         probabilities: ``(n, classes)`` calibrated probabilities, in the order of ``records``.
-        records: :class:`~braintumor_training.external.ManifestRecord` of the set.
-        groups: near-duplicate group of each image path (``external_split.json``'s ``groups``).
+        records: :class:`~braintumor_training.external.ManifestRecord` of the set, each with its ``group``.
         tumor_threshold: a tumour is called when ``1 − p(notumor) ≥ tumor_threshold``.
         root: paths are given relative to it (the manifest dataset's folder); as in ``records`` when ``None``.
 
@@ -45,12 +43,12 @@ def failure_rows(
         ``detail``, ``group`` and ``tumor_probability``.
 
     Raises:
-        ValueError: when the counts differ, or ``groups`` does not name an image of ``records``.
+        ValueError: when the counts differ, or an image of ``records`` has no group.
     """
     tumour = 1.0 - np.asarray(probabilities)[:, NO_TUMOR_INDEX]
     if len(tumour) != len(records):
         raise ValueError(f"{len(tumour)} probabilities for {len(records)} records")
-    ungrouped = [r.path for r in records if r.path not in groups]
+    ungrouped = [r.path for r in records if r.group is None]
     if ungrouped:
         raise ValueError(f"{len(ungrouped)} images have no group of near duplicates (first: {ungrouped[0]})")
     rows = []
@@ -67,7 +65,7 @@ def failure_rows(
                 "sequence_by_eye": getattr(record, "sequence_by_eye", ""),
                 "finding": record.finding,
                 "detail": record.detail,
-                "group": groups[record.path],
+                "group": record.group,
                 "tumor_probability": float(p),
             }
         )
@@ -75,13 +73,12 @@ def failure_rows(
     return rows
 
 
-def failure_summary(rows: Sequence[Mapping[str, Any]], records: Sequence[Any], groups: Mapping[str, int]) -> str:
+def failure_summary(rows: Sequence[Mapping[str, Any]], records: Sequence[Any]) -> str:
     """One sentence: how many slices of each kind, in how many groups, out of how many.
 
     Args:
         rows: :func:`failure_rows` of ``records``.
-        records: the set.
-        groups: as for :func:`failure_rows`.
+        records: the set, each with its ``group``.
 
     Returns:
         For instance "17 missed tumours of 818 tumour slices, in 14 of their 501 groups of near duplicates;
@@ -91,7 +88,7 @@ def failure_summary(rows: Sequence[Mapping[str, Any]], records: Sequence[Any], g
     for kind, is_tumor in zip(KINDS, (True, False), strict=True):
         of = [r for r in records if r.is_tumor == is_tumor]
         wrong = [r for r in rows if r["kind"] == kind]
-        of_groups = {groups[r.path] for r in of}
+        of_groups = {r.group for r in of}
         wrong_groups = {r["group"] for r in wrong}
         parts.append(
             f"{len(wrong)} {kind}{'' if len(wrong) == 1 else 's'} of {len(of)} "

@@ -64,7 +64,11 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     """
     if n <= 0 or not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
-    p = k / n
+    return _wilson(k / n, n, z)
+
+
+def _wilson(p: float, n: float, z: float) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``p`` over ``n`` trials (``n`` may be an effective, fractional count)."""
     denominator = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
@@ -104,10 +108,7 @@ def group_interval(hits: np.ndarray, groups: np.ndarray, z: float = Z95) -> tupl
     else:
         robust = clusters / (clusters - 1) * float(((successes - p * trials) ** 2).sum()) / n**2
         effective = n / max(1.0, robust / (p * (1 - p) / n))
-    denominator = 1.0 + z * z / effective
-    centre = (p + z * z / (2 * effective)) / denominator
-    half = z * math.sqrt(p * (1 - p) / effective + z * z / (4 * effective * effective)) / denominator
-    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+    return _wilson(p, effective, z)
 
 
 def proportion(k: int, n: int) -> dict[str, Any] | None:

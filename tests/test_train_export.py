@@ -96,6 +96,19 @@ def test_evaluation_judges_the_external_test_part_by_subgroup(run_dir):
     assert (run_dir / "evaluation" / "failures.png").exists() == bool(metrics["failures"]["rows"])
 
 
+def test_validation_logits_read_validation_only_and_at_another_input_size(run_dir):
+    from braintumor_training.evaluate import validation_logits
+
+    metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
+    logits, labels = validation_logits(run_dir)
+    larger, same_labels = validation_logits(run_dir, image_size=SIZE + 16)
+    for name in ("validation", "external_val"):
+        assert len(logits[name]) == len(labels[name]) == metrics[name]["n_images"]
+        assert np.array_equal(labels[name], same_labels[name]) and larger[name].shape == logits[name].shape
+    # the same weights, a different input: the logits change (a size ignored would give the same ones)
+    assert not np.allclose(larger["validation"], logits["validation"])
+
+
 def test_a_published_version_is_judged_on_a_runs_external_test_part(run_dir, data, tmp_path):
     out = tmp_path / "v2-external"
     split = run_dir / "external_split.json"

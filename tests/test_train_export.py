@@ -96,17 +96,23 @@ def test_evaluation_judges_the_external_test_part_by_subgroup(run_dir):
     assert (run_dir / "evaluation" / "failures.png").exists() == bool(metrics["failures"]["rows"])
 
 
-def test_validation_logits_read_validation_only_and_at_another_input_size(run_dir):
-    from braintumor_training.evaluate import validation_logits
+def test_validation_logits_can_feed_the_trained_weights_another_input_size(run_dir):
+    from braintumor_training.evaluate import load_classifier, validation_logits
+    from braintumor_training.model import classifier_at_size
 
     metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
     logits, labels = validation_logits(run_dir)
     larger, same_labels = validation_logits(run_dir, image_size=SIZE + 16)
-    for name in ("validation", "external_val"):
-        assert len(logits[name]) == len(labels[name]) == metrics[name]["n_images"]
-        assert np.array_equal(labels[name], same_labels[name]) and larger[name].shape == logits[name].shape
-    # the same weights, a different input: the logits change (a size ignored would give the same ones)
-    assert not np.allclose(larger["validation"], logits["validation"])
+    for name in ("validation", "external_val"):  # the validation sets the evaluation counted, and nothing else
+        assert len(logits[name]) == len(labels[name]) == len(larger[name]) == metrics[name]["n_images"]
+        assert np.array_equal(labels[name], same_labels[name])
+    assert not np.allclose(larger["validation"], logits["validation"])  # a size ignored would give the same
+    # the rebuilt network carries every trained weight: at the run's own size it answers as the run does
+    trained = load_classifier(run_dir)
+    rebuilt = classifier_at_size(trained, SIZE)
+    assert all(np.array_equal(a, b) for a, b in zip(trained.get_weights(), rebuilt.get_weights(), strict=True))
+    pixels = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
+    np.testing.assert_allclose(rebuilt(pixels, training=False), trained(pixels, training=False), atol=1e-5)
 
 
 def test_a_published_version_is_judged_on_a_runs_external_test_part(run_dir, data, tmp_path):

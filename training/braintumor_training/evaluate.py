@@ -39,7 +39,7 @@ from braintumor_training.dataset import TEST_SPLIT, ImageRecord, load_arrays, sc
 from braintumor_training.external import ManifestRecord, read_manifest, with_sequences_by_eye
 from braintumor_training.failures import failure_rows, failure_sheet, failure_summary, render_failures
 from braintumor_training.metrics import calibrated, classification_metrics, fit_temperature
-from braintumor_training.model import build_classifier, tta_logits
+from braintumor_training.model import classifier_at_size, tta_logits
 from braintumor_training.model_card import CARD_FILE, set_section
 from braintumor_training.sequences import read_hand_labels
 from braintumor_training.subgroups import check_targets, compact, plot_forest, render_table, render_targets, score_set
@@ -146,8 +146,8 @@ def validation_logits(
 
     Args:
         run_dir: a run trained with ``--external``.
-        image_size: feed the trained weights images of this side instead of the run's (the network is
-            rebuilt at that size; its global pooling makes the weights fit any size).
+        image_size: feed the trained weights images of this side instead of the run's
+            (:func:`braintumor_training.model.classifier_at_size`).
 
     Raises:
         EvaluationError: when the run has no external validation part.
@@ -160,9 +160,7 @@ def validation_logits(
     records = {"validation": run_sets(data_dir, audit)["validation"], "external_val": external["external_val"]}
     model, preprocessing = load_classifier(Path(run_dir)), run_preprocessing(config)
     if image_size is not None and image_size != preprocessing.size:
-        resized = build_classifier(image_size=image_size)
-        resized.set_weights(model.get_weights())
-        model, preprocessing = resized, replace(preprocessing, size=image_size)
+        model, preprocessing = classifier_at_size(model, image_size), replace(preprocessing, size=image_size)
     logits, labels = {}, {}
     for name, chosen in records.items():
         root = Path("/") if name == "external_val" else data_dir

@@ -135,6 +135,21 @@ def feature_model(classifier: keras.Model) -> keras.Model:
 TTA_MODES = ("none", "flip")
 
 
+def classifier_at_size(classifier: keras.Model, image_size: int) -> keras.Model:
+    """The same trained classifier, rebuilt for square inputs of another side.
+
+    The network ends in global pooling, so every weight fits any input size; this copies them all into a
+    network built by :func:`build_classifier` at ``image_size``.
+
+    Args:
+        classifier: a classifier made by :func:`build_classifier` (a run's ``best.keras``).
+        image_size: side of the new square input.
+    """
+    resized = build_classifier(image_size=image_size)
+    resized.set_weights(classifier.get_weights())
+    return resized
+
+
 def tta_logits(classifier: keras.Model, pixels: np.ndarray, tta: str = "none", batch_size: int = 64) -> np.ndarray:
     """The classifier's logits for float pixels, with test-time augmentation ``tta`` (see :data:`TTA_MODES`)."""
     if tta not in TTA_MODES:

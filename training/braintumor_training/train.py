@@ -68,8 +68,9 @@ class TrainConfig:
         augmentation: augmentation profile, ``v1`` (mild) or ``robust`` (scanner and framing shifts).
         crop_to_head: preprocessing crops each image to the head (see :class:`braintumor.preprocessing.Preprocessing`).
         normalize_intensity: preprocessing stretches each image's intensity percentiles to 0–255.
-        init_from: optional checkpoint (``best.keras`` of an earlier run, same image size) whose weights the
-            run starts from: a second training phase with a new warm-up and cosine cycle.
+        init_from: optional checkpoint (``best.keras`` of an earlier run) whose weights the run starts from: a
+            second training phase with a new warm-up and cosine cycle. Its image size may differ (the network
+            ends in global pooling, so its weights do not depend on the input size).
         external: optional manifest dataset (``manifest.csv``, see :mod:`braintumor_training.external`) whose
             training part joins the training images and whose validation part joins validation.
         jpeg_draft: preprocessing decodes JPEGs at a reduced DCT scale (Pillow's ``draft``); published with the

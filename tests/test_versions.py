@@ -74,6 +74,18 @@ def test_an_unloaded_version_is_model_not_ready_not_server_unavailable():
     assert isinstance(from_triton(down, during="classifying"), ServerUnavailableError)
 
 
+@pytest.mark.parametrize(
+    ("message", "status"),
+    [("Stream removed", "StatusCode.UNKNOWN"), ("Received RST_STREAM with error code 2", "StatusCode.INTERNAL")],
+)
+def test_a_connection_lost_under_another_status_is_server_unavailable(message, status):
+    error = from_triton(InferenceServerException(message, status=status), during="classifying")
+    assert isinstance(error, ServerUnavailableError) and error.status == "UNAVAILABLE"  # retried, moved on a list
+    # other UNKNOWN and INTERNAL errors stay what they were: not retried
+    other = from_triton(InferenceServerException("model raised an error", status=status), during="classifying")
+    assert not isinstance(other, ServerUnavailableError) and other.status == status.removeprefix("StatusCode.")
+
+
 def test_model_card_section_is_inserted_before_the_limitations_and_replaced_in_place(tmp_path):
     card = tmp_path / "model-card.md"
     card.write_text("# Card\n\n## Results\n\nr\n\n### Robustness notes\n\nkeep\n\n## Known limitations\n\n- l\n")

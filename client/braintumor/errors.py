@@ -69,6 +69,8 @@ class InferenceError(BrainTumorError, status="INTERNAL"):
 
 #: gRPC status codes worth retrying: the request did not run, and may succeed later.
 RETRYABLE_STATUSES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED"})
+#: How gRPC words a connection lost mid-call when it reports it under UNKNOWN or INTERNAL (lower case).
+CONNECTION_LOST = ("stream removed", "socket closed", "goaway", "rst_stream", "connection reset", "broken pipe")
 
 #: The HTTP status that answers an SDK error's gRPC status (the web app's, for instance); others: 502.
 HTTP_STATUSES: dict[str, int] = {
@@ -104,6 +106,10 @@ def from_triton(error: Exception, *, during: str) -> BrainTumorError:
     lowered = text.lower()
     if status == "DEADLINE_EXCEEDED":
         return DeadlineExceededError(message)
+    # gRPC may report a connection that went away mid-call under UNKNOWN or INTERNAL rather than UNAVAILABLE
+    # (``Stream removed``, a GOAWAY or RST_STREAM from a server or proxy that stops): no server, not a bad request
+    if status in ("UNKNOWN", "INTERNAL") and any(s in lowered for s in CONNECTION_LOST):
+        return ServerUnavailableError(message)
     # Before UNAVAILABLE: Triton answers UNAVAILABLE "... is not at ready state" for an unloaded version.
     if status == "NOT_FOUND" or any(s in lowered for s in ("is not ready", "not at ready state", "unknown model")):
         return ModelNotReadyError(message, status=status)
